@@ -1,0 +1,42 @@
+# Every target bootstraps its own environment from uv.lock; only python3 and make are assumed.
+PYTHON ?= python3
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+RUN := $(VENV)/bin/python
+export UV_PYTHON_DOWNLOADS := never
+export UV_PYTHON := $(PYTHON)
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+
+.PHONY: install test demo dev bench chaos lint clean
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check uv==0.13.8
+
+$(VENV)/.synced: uv.lock pyproject.toml | $(UV)
+	$(UV) sync --frozen --quiet
+	@touch $@
+
+install: $(VENV)/.synced
+
+test: install
+	$(RUN) -m pytest -q
+
+demo: install
+	$(RUN) -m erp_pipelines.demo run
+
+dev: install
+	$(RUN) -m erp_pipelines.demo dev
+
+bench: install
+	$(RUN) -m bench.run
+
+chaos: install
+	$(RUN) -m bench.chaos
+
+lint: install
+	$(VENV)/bin/ruff check erp_pipelines tests bench
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .dagster_home data/demo

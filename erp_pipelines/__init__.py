@@ -1,0 +1,1 @@
+"""erp-pipelines: Nordic ERP accounting data into DuckDB, tenant by tenant."""

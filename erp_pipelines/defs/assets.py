@@ -1,0 +1,250 @@
+"""Asset factory: the same assets, checks, sensor and schedule for every ERP.
+
+- `<erp>/clients` (unpartitioned): refreshes the client registry and adds each new tenant's
+  organisation number to the ERP's dynamic partitions.
+- `<erp>/accounts`, `<erp>/balances` (partitioned by organisation number): a run covers a range of
+  tenants, extracted concurrently. Each tenant that lands gets its own materialisation event; the
+  run then fails if any tenant failed, so the UI shows exactly the failed tenants as failed and
+  they can be retried alone.
+- Asset checks on `<erp>/balances` run the warehouse integrity checks (`quality.py`).
+"""
+
+
+import asyncio
+import dataclasses
+import datetime as dt
+from collections.abc import AsyncIterator, Iterator
+from zoneinfo import ZoneInfo
+
+import dagster as dg
+
+from erp_pipelines import quality
+from erp_pipelines.config import ErpConfig
+from erp_pipelines.erps.extract import ACCOUNTS, BALANCES
+from erp_pipelines.errors import ConfigError
+from erp_pipelines.model import TenantExtract, add_months, months_between
+from erp_pipelines.pipeline import LoadedBatch, iterate_sync, load_tenants, refresh_clients
+
+OSLO = ZoneInfo("Europe/Oslo")
+WAREHOUSE = "warehouse"
+
+class BalanceWindow(dg.Config):
+    """Which months `<erp>/balances` extracts. Default: the previous and the current month (Oslo time)."""
+
+    full_sync: bool = False
+    """All history, from `<ERP>_HISTORY_START` to the current month."""
+    months_back: int = 1
+    """Months before the current one (ignored with full_sync or from_month)."""
+    from_month: str | None = None
+    """First month, YYYY-MM (a backfill after year-end adjustments: e.g. 2025-01)."""
+    to_month: str | None = None
+    """Last month, YYYY-MM (default: the current month)."""
+
+    def months(self, history_start: dt.date, today: dt.date | None = None) -> list[dt.date]:
+        current = (today or dt.datetime.now(OSLO).date()).replace(day=1)
+        last = _month(self.to_month, "to_month") if self.to_month else current
+        if self.full_sync:
+            first = history_start
+        elif self.from_month:
+            first = _month(self.from_month, "from_month")
+        else:
+            first = add_months(current, -max(0, self.months_back))
+        if first > last:
+            raise ConfigError(f"the balance window {first:%Y-%m}..{last:%Y-%m} is empty", fix="check from_month/to_month")
+        return months_between(first, last)
+
+def _month(value: str, name: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(f"{value[:7]}-01")
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not a month", fix="use YYYY-MM") from None
+
+@dataclasses.dataclass
+class ErpAssets:
+    """Everything built for one ERP."""
+
+    erp: str
+    partitions: dg.DynamicPartitionsDefinition
+    clients_key: dg.AssetKey
+    accounts_key: dg.AssetKey
+    balances_key: dg.AssetKey
+    assets: list[dg.AssetsDefinition]
+    checks: list[dg.AssetChecksDefinition]
+
+    @property
+    def extract_keys(self) -> list[dg.AssetKey]:
+        return [self.accounts_key, self.balances_key]
+
+    @property
+    def balances_op(self) -> str:
+        return "__".join(self.balances_key.path)
+
+def build_erp_assets(erp_config: ErpConfig, *, tenants_per_run: int) -> ErpAssets:
+    erp = erp_config.name
+    connector_class = erp_config.plugin.connector_class
+    partitions = dg.DynamicPartitionsDefinition(name=f"{erp}_tenants")
+    clients_key, accounts_key, balances_key = (dg.AssetKey([erp, name]) for name in ("clients", "accounts", "balances"))
+    common = dict(group_name=erp, kinds={"duckdb", "python"}, pool=f"{erp}_api", required_resource_keys={erp, WAREHOUSE})
+    partitioned = dict(
+        partitions_def=partitions,
+        deps=[clients_key],
+        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=tenants_per_run),
+        output_required=False,
+    )
+
+    @dg.asset(
+        key=clients_key,
+        description=f"The tenants the {connector_class.display_name} credential reaches, with their status "
+        "(ok / no API access / rejected / revoked). Adds new organisation numbers to the partitions.",
+        **common,
+    )
+    def clients(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        warehouse = getattr(context.resources, WAREHOUSE).get()
+        connector = getattr(context.resources, erp).connector()
+        listed, change = asyncio.run(_closing(connector, refresh_clients(connector, warehouse)))
+        existing = set(context.instance.get_dynamic_partitions(partitions.name))
+        added = [org for org in change.active if org not in existing]
+        if added:
+            context.instance.add_dynamic_partitions(partitions.name, added)
+        for client in change.rejected:
+            context.log.warning(f"rejected {client.label}: {client.status_reason}")
+        for org in change.revoked:
+            context.log.warning(f"access withdrawn: tenant {org} is no longer listed; its history is kept")
+        return dg.MaterializeResult(
+            metadata={
+                **change.counts,
+                "partitions_added": len(added),
+                "clients": dg.MetadataValue.md(_clients_table(listed)),
+            }
+        )
+
+    def load(context: dg.AssetExecutionContext, what: str, months: list[dt.date]) -> Iterator[dg.AssetMaterialization]:
+        warehouse = getattr(context.resources, WAREHOUSE).get()
+        wanted = list(context.partition_keys)
+        active = warehouse.active_clients(erp, wanted)
+        failures = {
+            org: f"tenant {org} is not an active {erp} client (revoked, rejected or never listed). "
+            f"Fix: run {erp}/clients; if access was withdrawn, the client must grant it again."
+            for org in wanted
+            if org not in active
+        }
+        connector = getattr(context.resources, erp).connector()
+        batches = _closing_iter(
+            connector,
+            load_tenants(
+                connector, warehouse, [active[o] for o in wanted if o in active],
+                what=(what,), months=months, run_id=context.run_id,
+            ),
+        )
+        loaded = rows = 0
+        for batch in iterate_sync(batches):
+            loaded += len(batch.loaded)
+            rows += batch.rows
+            for extract in batch.loaded:
+                yield dg.AssetMaterialization(
+                    asset_key=context.asset_key, partition=extract.client.org_number,
+                    metadata=_tenant_metadata(extract, what, months),
+                )
+            for extract in batch.failed:
+                failures[extract.client.org_number] = str(extract.error)
+                context.log.error(str(extract.error))
+        window = f", months {months[0]:%Y-%m}..{months[-1]:%Y-%m}" if months else ""
+        context.log.info(
+            f"{erp} {what}: {loaded} tenants loaded ({rows} rows), {len(failures)} failed{window}; "
+            f"http: {connector_stats(connector)}"
+        )
+        if failures:
+            shown = "\n".join(f"- {message}" for message in list(failures.values())[:25])
+            more = f"\n... and {len(failures) - 25} more" if len(failures) > 25 else ""
+            raise dg.Failure(
+                description=f"{len(failures)} of {len(wanted)} {erp} tenants failed ({loaded} loaded):\n{shown}{more}",
+                metadata={"failed_tenants": dg.MetadataValue.json(sorted(failures)), "tenants_loaded": loaded},
+                allow_retries=False,
+            )
+
+    @dg.asset(
+        key=accounts_key,
+        description=f"Chart of accounts per tenant from {connector_class.display_name}.",
+        **common,
+        **partitioned,
+    )
+    def accounts(context: dg.AssetExecutionContext) -> Iterator[dg.AssetMaterialization]:
+        yield from load(context, ACCOUNTS, [])
+
+    @dg.asset(
+        key=balances_key,
+        description=f"Monthly account balances per tenant from {connector_class.display_name}: opening, "
+        "movement, closing in NOK, debit positive, DECIMAL(18,2).",
+        **common,
+        **partitioned,
+    )
+    def balances(context: dg.AssetExecutionContext, config: BalanceWindow) -> Iterator[dg.AssetMaterialization]:
+        yield from load(context, BALANCES, config.months(erp_config.history_start))
+
+    checks = [_integrity_check(erp, balances_key, name) for name in quality.CHECKS]
+    return ErpAssets(erp, partitions, clients_key, accounts_key, balances_key, [clients, accounts, balances], checks)
+
+def _integrity_check(erp: str, asset_key: dg.AssetKey, name: str) -> dg.AssetChecksDefinition:
+    description, _ = quality.CHECKS[name]
+
+    @dg.asset_check(
+        asset=asset_key, name=name, description=description, blocking=False, required_resource_keys={WAREHOUSE}
+    )
+    def check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        count, sample = quality.run_check(getattr(context.resources, WAREHOUSE).get(), erp, name)
+        return dg.AssetCheckResult(
+            passed=count == 0,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"violations": count, "sample": dg.MetadataValue.md(_rows_table(sample)) if sample else ""},
+        )
+
+    return check
+
+async def _closing(connector, awaitable):
+    try:
+        return await awaitable
+    finally:
+        await connector.aclose()
+
+async def _closing_iter(connector, batches: AsyncIterator[LoadedBatch]) -> AsyncIterator[LoadedBatch]:
+    try:
+        async for batch in batches:
+            yield batch
+    finally:
+        await connector.aclose()
+
+def connector_stats(connector) -> dict:
+    api = getattr(connector, "api", None)
+    return api.stats.as_metadata() if api is not None else {}
+
+def _tenant_metadata(extract: TenantExtract, what: str, months: list[dt.date]) -> dict:
+    client = extract.client
+    metadata: dict = {"tenant": client.name, "erp_client_id": client.erp_client_id}
+    if what == ACCOUNTS:
+        metadata["accounts"] = len(extract.accounts)
+        return metadata
+    metadata.update(
+        {
+            "balance_rows": len(extract.balances),
+            "months": f"{months[0]:%Y-%m}..{months[-1]:%Y-%m}",
+            "accounts_with_balance": len({b.account_number for b in extract.balances}),
+        }
+    )
+    last = [b for b in extract.balances if b.period == months[-1]][:8]
+    if last:
+        metadata["preview"] = dg.MetadataValue.md(
+            _rows_table([(b.period.isoformat(), b.account_number, b.opening, b.movement, b.closing) for b in last],
+                        ("period", "account", "opening", "movement", "closing"))
+        )
+    return metadata
+
+def _clients_table(listed) -> str:
+    rows = [(c.org_number or "-", c.name, c.erp_client_id, str(c.status), c.status_reason or "") for c in listed[:200]]
+    more = f"\n\n… {len(listed) - 200} more" if len(listed) > 200 else ""
+    return _rows_table(rows, ("orgnr", "name", "client id", "status", "reason")) + more
+
+def _rows_table(rows, header=None) -> str:
+    header = header or tuple(f"col{i}" for i in range(len(rows[0]) if rows else 0))
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

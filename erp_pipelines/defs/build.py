@@ -1,0 +1,39 @@
+"""Build the Definitions from the environment (see `config.py`)."""
+
+from collections.abc import Mapping
+
+import dagster as dg
+
+from erp_pipelines.config import load_config
+from erp_pipelines.defs.assets import WAREHOUSE, build_erp_assets
+from erp_pipelines.defs.automation import build_client_access_sensor, build_daily_balance_schedule
+from erp_pipelines.defs.resources import WarehouseResource, erp_resource_from_env
+from erp_pipelines.errors import ConfigError
+
+
+def build_definitions(environ: Mapping[str, str] | None = None) -> dg.Definitions:
+    config = load_config(environ)
+    if not config.erps:
+        raise ConfigError(
+            "no ERP is configured",
+            fix="set the credentials of at least one ERP (e.g. TRIPLETEX_CONSUMER_TOKEN and "
+            "TRIPLETEX_EMPLOYEE_TOKEN, or SAFT_DROP_DIR); see .env.example",
+        )
+    assets, checks, sensors, schedules = [], [], [], []
+    resources: dict = {WAREHOUSE: WarehouseResource(path=config.warehouse_path)}
+    for erp_config in config.erps:
+        built = build_erp_assets(erp_config, tenants_per_run=config.tenants_per_run)
+        assets += built.assets
+        checks += built.checks
+        sensors.append(build_client_access_sensor(built, chunk_size=config.tenants_per_run))
+        if erp_config.plugin.connector_class.scheduled_refresh:
+            schedules.append(build_daily_balance_schedule(built, chunk_size=config.tenants_per_run))
+        resources[erp_config.name] = erp_resource_from_env(erp_config.plugin)
+    return dg.Definitions(
+        assets=assets,
+        asset_checks=checks,
+        sensors=sensors,
+        schedules=schedules,
+        resources=resources,
+        executor=dg.in_process_executor,
+    )

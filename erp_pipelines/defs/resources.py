@@ -1,0 +1,72 @@
+"""Dagster resources: the warehouse, and one resource per ERP holding its credentials.
+
+Each ERP resource class is generated from the connector's declared settings, so adding an ERP
+needs no Dagster code. Secrets are always `EnvVar`s in the definitions: the UI and the run config
+show the variable's name, never its value.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import dagster as dg
+from pydantic import PrivateAttr
+
+from erp_pipelines.erps.base import Connector
+from erp_pipelines.registry import ErpPlugin
+from erp_pipelines.warehouse import Warehouse
+
+
+class WarehouseResource(dg.ConfigurableResource):
+    """The DuckDB warehouse file (`ERP_WAREHOUSE_PATH`)."""
+
+    path: str
+    _warehouse: Warehouse | None = PrivateAttr(default=None)
+
+    def get(self) -> Warehouse:
+        if self._warehouse is None:
+            self._warehouse = Warehouse(self.path)
+        return self._warehouse
+
+
+class ErpResource(dg.ConfigurableResource):
+    """Base of the generated per-ERP resources (`TripletexResource`, ...)."""
+
+    def connector(self, **overrides: Any) -> Connector:
+        """A new connector (create one per event loop: it owns an async HTTP client)."""
+        values = {name: getattr(self, name) for name in self.__class__.model_fields}
+        return self._plugin().connector_class(**{k: v for k, v in values.items() if v is not None}, **overrides)
+
+    @classmethod
+    def _plugin(cls) -> ErpPlugin:
+        raise NotImplementedError
+
+
+def erp_resource_class(plugin: ErpPlugin) -> type[ErpResource]:
+    """`TripletexResource` and friends: one string field per connector setting."""
+    connector = plugin.connector_class
+    annotations: dict[str, Any] = {}
+    namespace: dict[str, Any] = {"__module__": __name__, "__doc__": f"Credentials for {connector.display_name}."}
+    for setting in connector.settings:
+        if setting.required and setting.default is None:
+            annotations[setting.field] = str
+        else:
+            annotations[setting.field] = str | None
+            namespace[setting.field] = setting.default
+    namespace["__annotations__"] = annotations
+    namespace["_plugin"] = classmethod(lambda cls: plugin)
+    name = "".join(part.capitalize() for part in plugin.name.split("_")) + "Resource"
+    return type(name, (ErpResource,), namespace)
+
+
+def erp_resource_from_env(plugin: ErpPlugin) -> ErpResource:
+    """The resource with every setting bound to its environment variable."""
+    resource_class = erp_resource_class(plugin)
+    values: dict[str, Any] = {}
+    for setting in plugin.connector_class.settings:
+        if setting.secret or setting.default is None:
+            values[setting.field] = dg.EnvVar(setting.env)
+        else:
+            values[setting.field] = os.environ.get(setting.env) or setting.default
+    return resource_class(**values)

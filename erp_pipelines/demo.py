@@ -1,0 +1,161 @@
+"""`make demo` and `make dev`: the whole product against the sandbox ERPs, on this machine.
+
+- `python -m erp_pipelines.demo run`: starts the sandbox ERPs on localhost, materialises every
+  source's clients, accounts and balances into DuckDB through Dagster, runs the integrity checks
+  and prints a summary.
+- `python -m erp_pipelines.demo dev`: starts the sandbox ERPs and `dagster dev` pointed at them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_DIR = ROOT / "data" / "demo"
+DEMO_TENANTS = 12
+NO_API_ACCESS_TENANT = 5  # index of the demo tenant that has not ticked API-tilgang
+
+
+@contextlib.contextmanager
+def sandbox_environment(port: int = 0) -> Iterator[dict[str, str]]:
+    """Start every sandbox ERP; yield the environment that points the project at them."""
+    from erp_pipelines.sandbox.common import serve
+    from erp_pipelines.sandbox.ledger import generate_ledger
+    from erp_pipelines.sandbox.saft import write_demo_drop
+    from erp_pipelines.sandbox.tripletex import TripletexSandbox
+
+    DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    ledger = generate_ledger(DEMO_TENANTS, last_month=dt.date.today().replace(day=1))
+    tripletex = TripletexSandbox(ledger)
+    tripletex.set_api_access(ledger.tenants[NO_API_ACCESS_TENANT].erp_client_id, False)
+    drop_dir = DEMO_DIR / "saft-drop"
+    write_demo_drop(drop_dir)
+    with serve(tripletex.app, port=port, path="/v2") as tripletex_url:
+        yield {
+            "ERP_WAREHOUSE_PATH": str(DEMO_DIR / "warehouse.duckdb"),
+            "TRIPLETEX_BASE_URL": tripletex_url,
+            "TRIPLETEX_CONSUMER_TOKEN": tripletex.consumer_token,
+            "TRIPLETEX_EMPLOYEE_TOKEN": tripletex.accountant_employee_token,
+            "TRIPLETEX_HISTORY_START": ledger.first_month.isoformat(),
+            "SAFT_DROP_DIR": str(drop_dir),
+        }
+
+
+def dagster_home() -> Path:
+    home = Path(os.environ.get("DAGSTER_HOME") or ROOT / ".dagster_home")
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def run_demo() -> int:
+    import dagster as dg
+
+    from erp_pipelines.defs.build import build_definitions
+    from erp_pipelines.defs.runs import RANGE_END, RANGE_START
+    from erp_pipelines.warehouse import Warehouse
+
+    if DEMO_DIR.exists():
+        shutil.rmtree(DEMO_DIR)
+    home = dagster_home()
+    with sandbox_environment() as env:
+        os.environ.update(env)
+        defs = build_definitions(env)
+        job = defs.resolve_implicit_global_asset_job_def()
+        with dg.DagsterInstance.get() as instance:
+            sources = [key.path[0] for key in defs.resolve_asset_graph().get_all_asset_keys() if key.path[-1] == "clients"]
+            failures: list[str] = []
+            for erp in sorted(sources):
+                print(f"\n== {erp}: clients")
+                job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey([erp, "clients"])])
+                tenants = instance.get_dynamic_partitions(f"{erp}_tenants")
+                if not tenants:
+                    continue
+                print(f"== {erp}: accounts and balances for {len(tenants)} tenants in one run (full sync)")
+                result = job.execute_in_process(
+                    instance=instance,
+                    asset_selection=[dg.AssetKey([erp, "accounts"]), dg.AssetKey([erp, "balances"])],
+                    tags={RANGE_START: tenants[0], RANGE_END: tenants[-1]},
+                    run_config={"ops": {f"{erp}__balances": {"config": {"full_sync": True}}}},
+                    raise_on_error=False,
+                )
+                if not result.success:
+                    failures.append(erp)
+            print_summary(Warehouse(env["ERP_WAREHOUSE_PATH"]), instance, home)
+    return 0
+
+
+def print_summary(warehouse, instance, home: Path) -> None:
+    from erp_pipelines import quality
+
+    print("\n" + "=" * 78 + "\nerp-pipelines demo: summary\n" + "=" * 78)
+    print("Tenants by status:")
+    for erp, status, count in warehouse.query(
+        "SELECT erp, status, count(*) FROM clients GROUP BY ALL ORDER BY erp, status"
+    ):
+        print(f"  {erp:<10} {status:<14} {count}")
+    for erp, name, org, reason in warehouse.query(
+        "SELECT erp, name, org_number, coalesce(status_reason, last_error) FROM clients "
+        "WHERE status IN ('rejected', 'no_api_access') ORDER BY erp, status, name"
+    ):
+        print(f"  - {erp} {name} ({org or 'no orgnr'}): {reason}")
+    print("\nRows landed:")
+    for erp, tenants, accounts in warehouse.query(
+        "SELECT erp, count(DISTINCT org_number), count(*) FROM accounts GROUP BY erp ORDER BY erp"
+    ):
+        print(f"  {erp:<10} accounts: {accounts:>6} rows for {tenants} tenants")
+    for erp, tenants, rows, first, last in warehouse.query(
+        "SELECT erp, count(DISTINCT org_number), count(*), min(period), max(period) FROM balances GROUP BY erp ORDER BY erp"
+    ):
+        print(f"  {erp:<10} balances: {rows:>6} rows for {tenants} tenants, {first:%Y-%m}..{last:%Y-%m}")
+    erps = [row[0] for row in warehouse.query("SELECT DISTINCT erp FROM balances ORDER BY 1")]
+    print("\nIntegrity checks (violations):")
+    for erp in erps:
+        results = {name: quality.run_check(warehouse, erp, name)[0] for name in quality.CHECKS}
+        print(f"  {erp:<10} " + ", ".join(f"{name}={count}" for name, count in results.items()))
+    issues = warehouse.query("SELECT erp, org_number, count(*) FROM reconciliation GROUP BY ALL ORDER BY 1, 2")
+    if issues:
+        print("\nReconciliation findings (SAF-T totals vs transactions):")
+        for erp, org, count in issues:
+            print(f"  {erp:<10} {org}: {count} (see table reconciliation)")
+    print(f"\nDuckDB warehouse: {warehouse.path}")
+    print(f"  duckdb {warehouse.path} \"SELECT * FROM all_balances LIMIT 20\"  (or any DuckDB client)")
+    print(f"Dagster instance: {home}")
+    print("Open the UI: make dev  (then http://127.0.0.1:3000 — lineage, partitions per organisation number,")
+    print("             the client-access sensor and the daily schedule)")
+
+
+def run_dev(port: int, ui_port: int) -> int:
+    home = dagster_home()
+    with sandbox_environment(port=port) as env:
+        print(f"Sandbox ERPs running; Tripletex at {env['TRIPLETEX_BASE_URL']}; DAGSTER_HOME={home}")
+        command = [sys.executable, "-m", "dagster", "dev", "-m", "erp_pipelines.definitions", "-p", str(ui_port)]
+        with contextlib.suppress(KeyboardInterrupt):
+            return subprocess.call(command, env={**os.environ, **env}, cwd=ROOT)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m erp_pipelines.demo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="materialise everything against the sandbox and print a summary")
+    dev = sub.add_parser("dev", help="sandbox + dagster dev")
+    dev.add_argument("--sandbox-port", type=int, default=8711)
+    dev.add_argument("--ui-port", type=int, default=3000)
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return run_demo()
+    return run_dev(args.sandbox_port, args.ui_port)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,408 @@
+"""SAF-T Financial (Norway, 1.20 and 1.30) as an ERP: files dropped in a folder, one tenant per company.
+
+Plain Python, no Dagster. Entry points:
+- `import_file(path)`: refuse or import one file → `SaftImport` (chart, monthly balances, reconciliation issues);
+- `read_header(path)` / `validate_file(path)`: the cheap and the checking halves of it;
+- `SaftConnector(drop_dir)`: the `Connector` over a drop folder.
+
+A file is refused (`SaftFileRejected`, a `BadResponse`; nothing from it is returned) when it holds a DTD,
+is truncated or not well-formed, is not SAF-T Financial, fails its version's XSD, or has a
+`Header/Company/RegistrationNumber` that is not a valid organisation/personal number
+(`SaftInvalidOrgNumber`, also an `InvalidTenantId`). How versions, validation, periods and balances work:
+see the modules of `erp_pipelines.saft`.
+
+Several files of one company (e.g. two fiscal years, or a re-export) form one tenant. Where their months
+overlap, the newer file wins: later `AuditFileDateCreated`, then later modification time. Seams between
+files inside one calendar year are checked (closing of the month before = opening of the next month).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import hashlib
+import logging
+from collections.abc import Iterable
+from decimal import Decimal
+from pathlib import Path
+
+from erp_pipelines.errors import InvalidTenantId, TenantMismatch
+from erp_pipelines.erps.base import Connector, RateLimit, Setting
+from erp_pipelines.model import Account, Balance, Client, add_months, month_start
+from erp_pipelines.saft.balances import build_import
+from erp_pipelines.saft.parser import parse_file, read_header
+from erp_pipelines.saft.records import (
+    FIX_ORG_NUMBER,
+    ReconciliationIssue,
+    SaftAccount,
+    SaftFileRejected,
+    SaftHeader,
+    SaftImport,
+)
+from erp_pipelines.saft.safety import xml_size
+from erp_pipelines.saft.schemas import XMLSCHEMA_MAX_BYTES, declared_version, libxml2_schema_for, xmlschema_errors
+
+__all__ = [
+    "FileFingerprint",
+    "ReconciliationIssue",
+    "SaftAccount",
+    "SaftConnector",
+    "SaftFileInfo",
+    "SaftFileRejected",
+    "SaftHeader",
+    "SaftImport",
+    "SaftInvalidOrgNumber",
+    "import_file",
+    "read_header",
+    "validate_file",
+]
+
+log = logging.getLogger(__name__)
+ENGINES = ("auto", "xmlschema", "libxml2", "none")
+
+
+class SaftInvalidOrgNumber(SaftFileRejected, InvalidTenantId):
+    """The file's Header/Company/RegistrationNumber fails organisation-number validation."""
+
+
+# ---------------------------------------------------------------------------------------- one file
+
+
+def import_file(path: str | Path, *, validation: str = "auto") -> SaftImport:
+    """Check, validate and import one SAF-T Financial file (.xml, or .zip holding one .xml).
+
+    `validation`: "auto" (xmlschema up to 16 MiB of XML, libxml2 streamed inside the import pass above),
+    "xmlschema", "libxml2", or "none" (trusted files only)."""
+    path = Path(path)
+    header = _checked_header(path)
+    engine = _engine(path, validation)
+    if engine == "xmlschema":
+        _xmlschema_validate(path, header)
+    schema = libxml2_schema_for(header.version) if engine == "libxml2" else None
+    parsed = parse_file(path, header, schema=schema)
+    return build_import(parsed, validated_with=engine if engine != "none" else "not validated")
+
+
+def validate_file(path: str | Path, *, validation: str = "auto") -> SaftHeader:
+    """Every refusal check of `import_file`, without keeping anything. Returns the header."""
+    path = Path(path)
+    header = _checked_header(path)
+    engine = _engine(path, validation)
+    if engine == "xmlschema":
+        _xmlschema_validate(path, header)
+    elif engine == "libxml2":
+        parse_file(path, header, schema=libxml2_schema_for(header.version))
+    return header
+
+
+def _checked_header(path: Path) -> SaftHeader:
+    header = read_header(path)
+    if header.org_number is None:
+        raise SaftInvalidOrgNumber(
+            path,
+            f"Header/Company/RegistrationNumber {header.registration_number!r}: {header.org_number_problem}",
+            company=header.company_label,
+            fix=FIX_ORG_NUMBER,
+        )
+    return header
+
+
+def _engine(path: Path, validation: str) -> str:
+    if validation not in ENGINES:
+        raise ValueError(f"validation must be one of {ENGINES}, not {validation!r}")
+    if validation != "auto":
+        return validation
+    return "xmlschema" if xml_size(path) <= XMLSCHEMA_MAX_BYTES else "libxml2"
+
+
+def _xmlschema_validate(path: Path, header: SaftHeader) -> None:
+    errors = xmlschema_errors(path, header.version)
+    if errors:
+        how = (
+            "as declared in AuditFileVersion"
+            if declared_version(header.declared_version)
+            else f"detected from the structure; AuditFileVersion says {header.declared_version!r}"
+        )
+        raise SaftFileRejected(
+            path,
+            f"does not validate against the SAF-T Financial {header.version} XSD ({how}); first errors:",
+            company=header.company_label,
+            errors=errors,
+        )
+
+
+# ---------------------------------------------------------------------------------------- drop folder
+
+
+@dataclasses.dataclass(frozen=True)
+class FileFingerprint:
+    """Identity of a dropped file's content, for a sensor to spot new or changed files."""
+
+    path: str
+    sha256: str
+    size: int
+    mtime: float  # seconds since the epoch
+
+    @property
+    def cursor(self) -> str:
+        return f"{Path(self.path).name}:{self.sha256}:{self.size}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SaftFileInfo:
+    """One file of the drop folder as seen from its header only."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+    header: SaftHeader | None  # None when the file was refused before its header could be read
+    problem: str | None  # why the file cannot be used as it is
+
+    @property
+    def company_key(self) -> str | None:
+        if self.header is None:
+            return None
+        return self.header.org_number or self.header.registration_number or f"(no organisation number) {self.path.name}"
+
+    @property
+    def precedence(self) -> tuple[dt.date, int]:
+        """Newer wins: AuditFileDateCreated, then modification time."""
+        created = self.header.date_created if self.header and self.header.date_created else dt.date.min
+        return created, self.mtime_ns
+
+
+@dataclasses.dataclass(frozen=True)
+class CompanyImport:
+    """All files of one company combined: newer files win overlapping months."""
+
+    files: tuple[SaftImport, ...]  # oldest first
+    accounts: tuple[Account, ...]
+    balances: tuple[Balance, ...]
+    issues: tuple[ReconciliationIssue, ...]
+    month_source: dict[dt.date, str]  # month → file name it was taken from
+
+
+class SaftConnector(Connector):
+    """Files in `drop_dir` (*.xml, or *.zip holding one XML): one client per company."""
+
+    erp = "saft"
+    display_name = "SAF-T Financial (file import)"
+    settings = (
+        Setting(
+            field="drop_dir",
+            env="SAFT_DROP_DIR",
+            secret=False,
+            description="Folder where SAF-T Financial exports (.xml or .zip) are dropped",
+        ),
+    )
+    rate_limit = RateLimit(None, 1, "files")
+
+    def __init__(self, drop_dir: str | Path, *, validation: str = "auto", **config):
+        super().__init__(drop_dir=str(drop_dir), **config)
+        self.drop_dir = Path(drop_dir)
+        self.validation = validation
+        self.problems: dict[str, str] = {}  # file name → why it is refused or its client will be
+        self._imports: dict[Path, tuple[tuple[int, int], SaftImport]] = {}
+        self._hashes: dict[Path, tuple[tuple[int, int], str]] = {}
+
+    # -- scanning (headers only)
+
+    def files(self) -> list[Path]:
+        if not self.drop_dir.is_dir():
+            raise SaftFileRejected(self.drop_dir, "the drop folder does not exist", fix="create it or correct SAFT_DROP_DIR")
+        return sorted(
+            p
+            for p in self.drop_dir.iterdir()
+            if p.is_file() and p.suffix.lower() in (".xml", ".zip") and not p.name.startswith((".", "~"))
+        )
+
+    def scan_files(self) -> list[SaftFileInfo]:
+        """Every file's header (cheap: the first KBs plus the MasterFiles needed for the version)."""
+        infos = []
+        for path in self.files():
+            stat = path.stat()
+            header, problem = None, None
+            try:
+                header = read_header(path)
+                problem = header.org_number_problem
+            except SaftFileRejected as exc:
+                problem = exc.detail
+            if problem:
+                self.problems[path.name] = problem
+                log.warning("SAF-T file %s: %s", path.name, problem)
+            else:
+                self.problems.pop(path.name, None)
+            infos.append(SaftFileInfo(path, stat.st_size, stat.st_mtime_ns, header, problem))
+        return infos
+
+    async def scan(self) -> list[SaftFileInfo]:
+        return await asyncio.to_thread(self.scan_files)
+
+    async def list_clients(self) -> list[Client]:
+        """One client per company (organisation number). Files with an invalid number give a client with
+        the raw number, for the client rules to reject; refused files give none (see `problems`)."""
+        by_company: dict[str, list[SaftFileInfo]] = {}
+        for info in await self.scan():
+            if info.company_key is not None:
+                by_company.setdefault(info.company_key, []).append(info)
+        clients = []
+        for key, infos in sorted(by_company.items()):
+            newest = max(infos, key=lambda i: i.precedence).header
+            clients.append(
+                Client(
+                    erp=self.erp,
+                    org_number=newest.org_number or newest.registration_number,
+                    erp_client_id=key,
+                    name=newest.company_name,
+                    status_reason=newest.org_number_problem,
+                )
+            )
+        return clients
+
+    # -- importing
+
+    def files_of(self, client: Client) -> list[SaftFileInfo]:
+        infos = [i for i in self.scan_files() if i.company_key == client.erp_client_id]
+        return sorted(infos, key=lambda i: i.precedence)
+
+    def _import(self, info: SaftFileInfo, client: Client) -> SaftImport:
+        key = (info.size, info.mtime_ns)
+        cached = self._imports.get(info.path)
+        if cached is None or cached[0] != key:
+            try:
+                cached = (key, import_file(info.path, validation=self.validation))
+            except SaftFileRejected as exc:
+                raise exc.for_tenant(client.label) from None
+            self._imports[info.path] = cached
+        result = cached[1]
+        if result.header.org_number != client.org_number:
+            raise TenantMismatch(
+                f"file {info.path.name} belongs to orgnr {result.header.org_number}, not {client.org_number}",
+                erp=self.erp,
+                tenant=client.label,
+                fix="the file changed since the clients were listed; list the clients again",
+            )
+        return result
+
+    def import_company(self, client: Client) -> CompanyImport:
+        infos = self.files_of(client)
+        if not infos:
+            raise SaftFileRejected(self.drop_dir, f"no SAF-T file of {client.label} in the drop folder", company=client.label)
+        return combine([self._import(info, client) for info in infos])
+
+    async def fetch_accounts(self, client: Client) -> list[Account]:
+        company = await asyncio.to_thread(self.import_company, client)
+        return list(company.accounts)
+
+    async def fetch_balances(self, client: Client, months: list[dt.date]) -> list[Balance]:
+        wanted = {month_start(m) for m in months}
+        company = await asyncio.to_thread(self.import_company, client)
+        return [b for b in company.balances if b.period in wanted]
+
+    async def reconciliation_issues(self, client: Client) -> list[ReconciliationIssue]:
+        company = await asyncio.to_thread(self.import_company, client)
+        return list(company.issues)
+
+    # -- change detection
+
+    def fingerprint(self, path: Path) -> FileFingerprint:
+        stat = path.stat()
+        key = (stat.st_size, stat.st_mtime_ns)
+        cached = self._hashes.get(path)
+        if cached is None or cached[0] != key:
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+            cached = (key, digest.hexdigest())
+            self._hashes[path] = cached
+        return FileFingerprint(str(path), cached[1], stat.st_size, stat.st_mtime_ns / 1e9)
+
+    async def fingerprints(self) -> list[FileFingerprint]:
+        """sha256 + size + mtime of every file in the drop folder (hashes cached while size/mtime hold)."""
+        return await asyncio.to_thread(lambda: [self.fingerprint(p) for p in self.files()])
+
+
+# ---------------------------------------------------------------------------------------- combining
+
+
+def combine(imports: Iterable[SaftImport]) -> CompanyImport:
+    """Merge one company's files, given oldest first: each month is taken from the newest file covering it."""
+    files = tuple(imports)
+    winner: dict[dt.date, SaftImport] = {}
+    for result in files:
+        for month in result.months:
+            winner[month] = result
+    issues = [issue for result in files for issue in result.issues]
+    issues += _overlap_issues(files, winner)
+    issues += _seam_issues(winner)
+    balances = [b for result in files for b in result.balances if winner.get(b.period) is result]
+    balances.sort(key=lambda b: (b.account_number, b.period))
+    accounts: dict[str, Account] = {}
+    for result in files:
+        for account in result.accounts:
+            accounts[account.account_id] = account.to_account()
+    return CompanyImport(
+        files=files,
+        accounts=tuple(accounts[k] for k in sorted(accounts)),
+        balances=tuple(balances),
+        issues=tuple(issues),
+        month_source={m: r.header.source_file.name for m, r in sorted(winner.items())},
+    )
+
+
+def _issue(result: SaftImport, check: str, message: str, **fields) -> ReconciliationIssue:
+    header = result.header
+    values = {"account_number": None, "period": None, "expected": None, "actual": None, **fields}
+    return ReconciliationIssue(header.org_number or header.registration_number, header.source_file.name, check, message=message, **values)
+
+
+def _overlap_issues(files: tuple[SaftImport, ...], winner: dict[dt.date, SaftImport]) -> list[ReconciliationIssue]:
+    issues = []
+    for older in files:
+        lost = [m for m in older.months if winner[m] is not older]
+        for newer in {id(winner[m]): winner[m] for m in lost}.values():
+            months = [m for m in lost if winner[m] is newer]
+            theirs = {(b.account_number, b.period): b.closing for b in newer.balances if b.period in months}
+            differ = sum(1 for b in older.balances if b.period in months and theirs.get((b.account_number, b.period)) != b.closing)
+            issues.append(
+                _issue(
+                    older,
+                    "file_overlap",
+                    f"{months[0]:%Y-%m}..{months[-1]:%Y-%m} of {older.header.source_file.name} are superseded by the "
+                    f"newer {newer.header.source_file.name}; {differ} account-month closing balances differ between them.",
+                    period=months[0],
+                    actual=Decimal(differ),
+                )
+            )
+    return issues
+
+
+def _seam_issues(winner: dict[dt.date, SaftImport]) -> list[ReconciliationIssue]:
+    """Where consecutive months of one calendar year come from different files, the closing of the first
+    must be the opening of the second (a new year legitimately resets profit and loss)."""
+    issues = []
+    for month in sorted(winner):
+        before = add_months(month, -1)
+        previous, current = winner.get(before), winner[month]
+        if previous is None or previous is current or before.year != month.year:
+            continue
+        closing = {b.account_number: b.closing for b in previous.balances if b.period == before}
+        opening = {b.account_number: b.opening for b in current.balances if b.period == month}
+        for account in sorted(closing.keys() | opening.keys()):
+            was, now = closing.get(account, Decimal("0.00")), opening.get(account, Decimal("0.00"))
+            if was != now:
+                issues.append(
+                    _issue(
+                        current,
+                        "file_seam",
+                        f"Account {account} closes {before:%Y-%m} at {was:.2f} in {previous.header.source_file.name} "
+                        f"but opens {month:%Y-%m} at {now:.2f} in {current.header.source_file.name}.",
+                        account_number=account,
+                        period=month,
+                        expected=was,
+                        actual=now,
+                    )
+                )
+    return issues

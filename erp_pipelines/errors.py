@@ -1,0 +1,76 @@
+"""The error taxonomy every connector maps its failures to.
+
+Each error can carry the tenant it concerns, so a message always names the client and the fix.
+Messages never contain credentials: build them from names and numbers only.
+"""
+
+from __future__ import annotations
+
+
+class ErpError(Exception):
+    """Base class. `tenant` is a short label such as 'Fjordkraft Regnskap AS (orgnr 912345679)'."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, erp: str | None = None, tenant: str | None = None, fix: str | None = None):
+        self.erp = erp
+        self.tenant = tenant
+        self.fix = fix
+        self.detail = message
+        super().__init__(self._compose())
+
+    def _compose(self) -> str:
+        parts = []
+        if self.erp:
+            parts.append(f"[{self.erp}]")
+        if self.tenant:
+            parts.append(f"{self.tenant}:")
+        parts.append(self.detail)
+        text = " ".join(parts)
+        if self.fix:
+            text += f" Fix: {self.fix}"
+        return text
+
+    def for_tenant(self, tenant: str) -> "ErpError":
+        """The same error, labelled with the tenant it happened for."""
+        if self.tenant:
+            return self
+        clone = self.__class__.__new__(self.__class__)
+        clone.__dict__.update(self.__dict__)
+        clone.tenant = tenant
+        Exception.__init__(clone, clone._compose())
+        return clone
+
+
+class ConfigError(ErpError):
+    """Configuration is missing or malformed; the message names the variable."""
+
+
+class AuthError(ErpError):
+    """The integration's own credential is rejected or expired."""
+
+
+class ClientAccessError(ErpError):
+    """This tenant has not granted (or has withdrawn) access; the message says what to tick where."""
+
+
+class RateLimited(ErpError):
+    retryable = True
+
+
+class UpstreamError(ErpError):
+    """5xx, timeouts and dropped connections that outlasted the retries."""
+
+    retryable = True
+
+
+class BadResponse(ErpError):
+    """The payload does not match the contract (malformed JSON, missing required fields)."""
+
+
+class TenantMismatch(ErpError):
+    """The ERP answered for another company than the partition's tenant; nothing is stored."""
+
+
+class InvalidTenantId(ErpError):
+    """An organisation number (or personal number) that fails validation."""

@@ -1,0 +1,78 @@
+"""Integrity checks over the warehouse, as plain SQL (the Dagster asset checks call these).
+
+Each returns the violating rows (empty means the check passes):
+- `trial_balance`: per tenant and month, opening, movement and closing each sum to zero;
+- `continuity`: an account's closing in one month equals its opening the next month (same
+  calendar year: profit-and-loss accounts restart at zero each year);
+- `row_arithmetic`: opening + movement = closing on every row;
+- `unknown_accounts`: every balance's account exists in that tenant's chart of accounts.
+"""
+
+from __future__ import annotations
+
+from erp_pipelines.warehouse import Warehouse
+
+CHECKS = {
+    "trial_balance": (
+        "Opening, movement and closing each sum to zero per tenant and month (double entry).",
+        """
+        SELECT org_number, period, sum(opening) AS opening, sum(movement) AS movement, sum(closing) AS closing
+        FROM balances WHERE erp = ?
+        GROUP BY org_number, period
+        HAVING sum(opening) <> 0 OR sum(movement) <> 0 OR sum(closing) <> 0
+        ORDER BY org_number, period
+        """,
+    ),
+    "continuity": (
+        "Closing balance of month m equals the opening balance of month m+1 within a year.",
+        """
+        WITH b AS (SELECT org_number, period, account_number, opening, closing FROM balances WHERE erp = ?),
+        months AS (SELECT DISTINCT org_number, period FROM b),
+        pairs AS (
+            SELECT m.org_number, m.period AS month, n.period AS next_month
+            FROM months m JOIN months n
+              ON n.org_number = m.org_number AND n.period = m.period + INTERVAL 1 MONTH
+            WHERE year(m.period) = year(n.period)
+        ),
+        keys AS (
+            SELECT DISTINCT p.org_number, p.month, p.next_month, b.account_number
+            FROM pairs p JOIN b ON b.org_number = p.org_number AND b.period IN (p.month, p.next_month)
+        )
+        SELECT k.org_number, k.month, k.account_number, coalesce(c.closing, 0) AS closing,
+               coalesce(o.opening, 0) AS next_opening
+        FROM keys k
+        LEFT JOIN b c ON c.org_number = k.org_number AND c.period = k.month AND c.account_number = k.account_number
+        LEFT JOIN b o ON o.org_number = k.org_number AND o.period = k.next_month AND o.account_number = k.account_number
+        WHERE coalesce(c.closing, 0) <> coalesce(o.opening, 0)
+        ORDER BY 1, 2, 3
+        """,
+    ),
+    "row_arithmetic": (
+        "opening + movement = closing on every row.",
+        """
+        SELECT org_number, period, account_number, opening, movement, closing
+        FROM balances WHERE erp = ? AND opening + movement <> closing
+        ORDER BY 1, 2, 3
+        """,
+    ),
+    "unknown_accounts": (
+        "Every balance's account number exists in the tenant's chart of accounts.",
+        """
+        SELECT DISTINCT b.org_number, b.account_number
+        FROM balances b
+        WHERE b.erp = ?
+          AND b.org_number IN (SELECT org_number FROM accounts WHERE erp = b.erp)
+          AND NOT EXISTS (SELECT 1 FROM accounts a WHERE a.erp = b.erp AND a.org_number = b.org_number
+                          AND a.account_number = b.account_number)
+        ORDER BY 1, 2
+        """,
+    ),
+}
+
+
+def run_check(warehouse: Warehouse, erp: str, name: str, limit: int = 50) -> tuple[int, list[tuple]]:
+    """(number of violations, the first `limit` of them)."""
+    _, sql = CHECKS[name]
+    with warehouse.connect() as con:
+        rows = con.execute(sql, [erp]).fetchall()
+    return len(rows), rows[:limit]

@@ -1,0 +1,136 @@
+"""What a SAF-T Financial file yields: its header, chart of accounts, reconciliation issues, and the
+error raised when a file is refused. Amounts are `Decimal` NOK, debit positive (see `model`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+from erp_pipelines.errors import BadResponse
+from erp_pipelines.model import Account, Balance
+
+NAMESPACE = "urn:StandardAuditFile-Taxation-Financial:NO"
+VERSION_1_20 = "1.20"
+VERSION_1_30 = "1.30"
+VERSIONS = (VERSION_1_20, VERSION_1_30)
+
+REEXPORT = "re-export the SAF-T Financial file from the ERP (complete, version 1.20 or 1.30) and drop it in again"
+FIX_ORG_NUMBER = (
+    "correct the organisation number in the ERP's company settings (Header/Company/RegistrationNumber), "
+    "then re-export the SAF-T file"
+)
+
+
+class SaftFileRejected(BadResponse):
+    """A SAF-T file that cannot be imported. Nothing from it is returned.
+
+    `errors` holds the first few problems as "path: reason" lines (XSD errors, parse errors)."""
+
+    def __init__(
+        self,
+        source_file: str | Path,
+        reason: str,
+        *,
+        company: str | None = None,
+        errors: tuple[str, ...] | list[str] = (),
+        fix: str = REEXPORT,
+    ):
+        self.source_file = Path(source_file)
+        self.reason = reason
+        self.errors = tuple(errors)
+        message = f"SAF-T file {self.source_file.name!r} refused: {reason}"
+        if self.errors:
+            message += "\n" + "\n".join(f"  - {line}" for line in self.errors)
+        super().__init__(message, erp="saft", tenant=company, fix=fix)
+
+
+@dataclass(frozen=True)
+class SaftHeader:
+    """`AuditFile/Header`, plus the schema version the file is read with."""
+
+    source_file: Path
+    version: str  # detected schema version, "1.20" or "1.30" (see schemas.detect_version)
+    declared_version: str  # Header/AuditFileVersion as written (the official examples say "1.0")
+    registration_number: str  # Header/Company/RegistrationNumber as written
+    org_number: str | None  # normalised; None when the number fails validation
+    org_number_problem: str | None  # why it fails, when it does
+    company_name: str
+    date_created: dt.date | None
+    software: str  # "SoftwareCompanyName SoftwareID SoftwareVersion"
+    currency: str
+    first_month: dt.date | None  # first day of the selection's first month
+    last_month: dt.date | None  # first day of the selection's last month
+    selection: str  # the selection as written, e.g. "periods 1/2017-4/2017" or "dates 2025-01-01..2025-12-31"
+
+    @property
+    def company_label(self) -> str:
+        number = self.org_number or self.registration_number or "no organisation number"
+        return f"{self.company_name or 'unnamed company'} (orgnr {number})"
+
+    @property
+    def fiscal_year(self) -> int | None:
+        return self.first_month.year if self.first_month else None
+
+
+@dataclass(frozen=True)
+class SaftAccount:
+    """`MasterFiles/GeneralLedgerAccounts/Account`; balances signed debit-minus-credit."""
+
+    account_id: str
+    description: str
+    account_type: str
+    standard_account_id: str | None  # 1.20
+    grouping_category: str | None  # 1.30 (optional in 1.20)
+    grouping_code: str | None
+    opening: Decimal  # at the start of the file's selection
+    closing: Decimal  # at its end
+
+    @property
+    def standard_account(self) -> str | None:
+        """`StandardAccountID` (1.20), else "GroupingCategory:GroupingCode" (1.30)."""
+        if self.standard_account_id:
+            return self.standard_account_id
+        if self.grouping_category or self.grouping_code:
+            return f"{self.grouping_category or ''}:{self.grouping_code or ''}"
+        return None
+
+    def to_account(self) -> Account:
+        return Account(self.account_id, self.description, self.account_type, self.standard_account)
+
+
+@dataclass(frozen=True)
+class ReconciliationIssue:
+    """One mismatch between what a file declares and what its lines add up to. Never hidden."""
+
+    org_number: str
+    source_file: str
+    check: str  # closing_balance | total_debit | total_credit | number_of_entries | unknown_account |
+    #             period_outside_selection | period_mapping | file_seam
+    account_number: str | None
+    period: dt.date | None  # first day of the month concerned
+    expected: Decimal | None  # what the file declares
+    actual: Decimal | None  # what the lines add up to
+    message: str
+
+
+@dataclass(frozen=True)
+class SaftImport:
+    """One imported file: its chart, monthly balances and every reconciliation issue found."""
+
+    header: SaftHeader
+    accounts: tuple[SaftAccount, ...]
+    balances: tuple[Balance, ...]
+    issues: tuple[ReconciliationIssue, ...]
+    months: tuple[dt.date, ...]  # the months covered, first days, ascending
+    transactions: int
+    lines: int
+    line_debit: Decimal  # Σ DebitAmount/Amount over all lines
+    line_credit: Decimal  # Σ CreditAmount/Amount
+    validated_with: str  # "xmlschema" | "libxml2" | "not validated"
+    period_mapping: str  # "calendar" | "transaction_date" (see balances.py)
+
+    @property
+    def chart(self) -> list[Account]:
+        return [account.to_account() for account in self.accounts]

@@ -1,0 +1,147 @@
+"""Opening SAF-T files without trusting them.
+
+Three layers, cheapest first:
+1. `check_envelope` reads the first 64 KiB and the last 1 KiB: a DTD (`<!DOCTYPE`/`<!ENTITY` anywhere in
+   the first 64 KiB) is refused before any parser runs (SAF-T never needs one; DTDs carry XXE and entity-expansion attacks), and a
+   file that does not end with `</AuditFile>` is refused as truncated (cheap even for 1 GB).
+2. `iterparse` builds lxml parsers that never resolve entities, load DTDs or touch the network, and keep
+   libxml2's size limits (`huge_tree=False`: text nodes ≤ 10 MB, depth ≤ 256; file size is unlimited).
+3. `refuse_doctype` re-checks the parsed document's DTD, for prologs too long for layer 1.
+
+`open_xml` also opens a `.zip` holding exactly one XML file, streaming (never extracted to disk).
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import re
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from lxml import etree
+
+from erp_pipelines.saft.records import SaftFileRejected
+
+HEAD_BYTES = 64 * 1024
+TAIL_BYTES = 1024
+MAX_ZIP_MEMBER_BYTES = 16 * 1024**3  # an export larger than this is not a plausible SAF-T file
+DTD_MARKERS = ("<!DOCTYPE", "<!ENTITY")
+CLOSING_TAG = re.compile(r"</([A-Za-z_][\w.-]*:)?AuditFile\s*>\s*(<!--.*?-->\s*)*$", re.S)
+BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+
+
+def is_zip(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".zip"
+
+
+def _zip_member(archive: zipfile.ZipFile, path: Path) -> zipfile.ZipInfo:
+    members = [
+        info
+        for info in archive.infolist()
+        if not info.is_dir() and info.filename.lower().endswith(".xml") and not info.filename.startswith("__MACOSX/")
+    ]
+    if len(members) != 1:
+        raise SaftFileRejected(path, f"a SAF-T zip must hold exactly one .xml file; this one holds {len(members)}")
+    if members[0].file_size > MAX_ZIP_MEMBER_BYTES:
+        raise SaftFileRejected(path, f"the XML inside the zip unpacks to {members[0].file_size} bytes (limit {MAX_ZIP_MEMBER_BYTES})")
+    return members[0]
+
+
+@contextlib.contextmanager
+def open_xml(path: str | Path) -> Iterator[IO[bytes]]:
+    """The file's XML bytes as a binary stream (seekable; for a zip, the single XML member)."""
+    path = Path(path)
+    if not is_zip(path):
+        with open(path, "rb") as handle:
+            yield handle
+        return
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        raise SaftFileRejected(path, f"not a readable zip file ({exc})") from None
+    with archive, archive.open(_zip_member(archive, path)) as handle:
+        yield handle
+
+
+def xml_size(path: Path) -> int:
+    """Size of the XML itself (uncompressed, for a zip)."""
+    if not is_zip(path):
+        return path.stat().st_size
+    with zipfile.ZipFile(path) as archive:
+        return _zip_member(archive, path).file_size
+
+
+def _decode(data: bytes) -> str:
+    for bom, encoding in BOMS:
+        if data.startswith(bom):
+            return data[len(bom) :].decode(encoding, errors="replace")
+    return data.decode("utf-8", errors="replace")
+
+
+def check_envelope(path: Path) -> None:
+    """Refuse DTDs and truncated files by looking at the first and last bytes only."""
+    with open_xml(path) as handle:
+        head = handle.read(HEAD_BYTES)
+        if not head.strip():
+            raise SaftFileRejected(path, "the file is empty")
+        size = handle.seek(0, 2)
+        handle.seek(max(0, size - TAIL_BYTES))
+        tail = handle.read()
+    text = _decode(head)
+    if any(marker in text for marker in DTD_MARKERS):  # a DTD can only sit in the prolog, i.e. here
+        raise SaftFileRejected(path, _dtd_reason())
+    tail_text = _decode_tail(tail, head)
+    if not CLOSING_TAG.search(tail_text):
+        raise SaftFileRejected(
+            path,
+            "the file is truncated: it does not end with the closing </AuditFile> tag "
+            f"(last bytes: {tail_text[-60:].strip()!r})",
+        )
+
+
+def _decode_tail(tail: bytes, head: bytes) -> str:
+    for bom, encoding in BOMS:
+        if head.startswith(bom) and encoding.startswith(("utf-16", "utf-32")):
+            width = 2 if encoding.startswith("utf-16") else 4
+            return tail[len(tail) % width :].decode(encoding, errors="replace")
+    return tail.decode("utf-8", errors="replace")
+
+
+def _dtd_reason() -> str:
+    return (
+        "the file contains a DTD (<!DOCTYPE>/<!ENTITY>); SAF-T files never do, and DTDs are how XML "
+        "files read local files (XXE) or exhaust memory (entity expansion). Not parsed"
+    )
+
+
+def iterparse(source: IO[bytes], *, tag=None, events=("end",), schema: etree.XMLSchema | None = None):
+    """lxml iterparse that resolves no entities, loads no DTD and never touches the network."""
+    return etree.iterparse(
+        source,
+        events=events,
+        tag=tag,
+        schema=schema,
+        resolve_entities=False,
+        load_dtd=False,
+        no_network=True,
+        dtd_validation=False,
+        huge_tree=False,
+        remove_comments=True,
+        remove_pis=True,
+    )
+
+
+def refuse_doctype(path: Path, element: etree._Element) -> None:
+    """Belt and braces: a document that got past `check_envelope` with a DTD is still refused."""
+    info = element.getroottree().docinfo
+    if info.doctype or info.internalDTD is not None or info.externalDTD is not None:
+        raise SaftFileRejected(path, _dtd_reason())

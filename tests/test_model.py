@@ -1,0 +1,65 @@
+from decimal import Decimal
+
+import pytest
+
+from erp_pipelines.model import Client, ClientStatus, classify_clients, kroner, months_between, normalise_tenant_id
+from erp_pipelines.sandbox.ledger import make_org_number, make_personal_number
+
+
+def test_valid_org_number_is_normalised():
+    number = make_org_number(7)
+    assert normalise_tenant_id(f" {number[:3]} {number[3:6]} {number[6:]} ") == number
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        ("", "has no organisation number"),
+        (None, "has no organisation number"),
+        ("12345678", "must have 9 digits"),
+        ("ABC123456", "is not numeric"),
+    ],
+)
+def test_invalid_tenant_ids_are_refused_with_reason(raw, reason):
+    with pytest.raises(ValueError, match=reason):
+        normalise_tenant_id(raw)
+
+
+def test_bad_check_digit_is_refused():
+    number = make_org_number(11)
+    broken = number[:-1] + str((int(number[-1]) + 1) % 10)
+    with pytest.raises(ValueError, match="mod-11"):
+        normalise_tenant_id(broken)
+
+
+def test_personal_number_is_accepted_for_sole_proprietors():
+    number = make_personal_number(5)
+    assert normalise_tenant_id(number) == number
+    with pytest.raises(ValueError, match="personal number"):
+        normalise_tenant_id(number[:-1] + str((int(number[-1]) + 1) % 10))
+
+
+def test_classify_rejects_invalid_and_every_duplicate():
+    good, shared = make_org_number(1), make_org_number(2)
+    clients = [
+        Client("x", good, "1", "Good AS"),
+        Client("x", "", "2", "Nameless AS"),
+        Client("x", shared, "3", "Twin A"),
+        Client("x", shared, "4", "Twin B"),
+    ]
+    result = {c.erp_client_id: c for c in classify_clients(clients)}
+    assert result["1"].status == ClientStatus.OK
+    assert result["2"].status == ClientStatus.REJECTED and "no organisation number" in result["2"].status_reason
+    for twin, other in (("3", "4"), ("4", "3")):
+        assert result[twin].status == ClientStatus.REJECTED
+        assert f"shared with client(s) {other}" in result[twin].status_reason
+
+
+def test_kroner_is_exact_and_months_are_inclusive():
+    assert kroner(0.1 + 0.2) == Decimal("0.30")
+    assert kroner(Decimal("1234.5")) == Decimal("1234.50")
+    import datetime as dt
+
+    assert months_between(dt.date(2025, 11, 15), dt.date(2026, 2, 1)) == [
+        dt.date(2025, 11, 1), dt.date(2025, 12, 1), dt.date(2026, 1, 1), dt.date(2026, 2, 1)
+    ]

@@ -4,8 +4,10 @@
 - `ERP_SOURCES`: optional comma list of ERPs to enable; without it, an ERP is enabled when any of
   its variables is set. An enabled ERP must have all its required variables.
 - Per ERP, the variables its connector declares (`Connector.settings`), e.g. `TRIPLETEX_BASE_URL`.
-- `<ERP>_HISTORY_START`: first month of a full sync (YYYY-MM-DD, default 2023-01-01).
+- `<ERP>_HISTORY_START`: first month of a full sync (YYYY-MM-DD; default per source, 2023-01-01 for APIs).
 - `ERP_TENANTS_PER_RUN`: tenants per run in backfills, schedules and sensors (default 500).
+- `ERP_TOKEN_STORE_PATH`: the encrypted token store (default `tokens.enc` next to the warehouse);
+  `ERP_TOKEN_STORE_KEY`: its key (default: a generated key file, mode 0600). See `tokens.py`.
 
 Errors name the variable and never echo a secret's value.
 """
@@ -18,11 +20,11 @@ import os
 from collections.abc import Mapping
 from urllib.parse import urlparse
 
+from erp_pipelines import tokens
 from erp_pipelines.errors import ConfigError
 from erp_pipelines.registry import ERPS, ErpPlugin
 
 DEFAULT_WAREHOUSE = "data/warehouse.duckdb"
-DEFAULT_HISTORY_START = "2023-01-01"
 DEFAULT_TENANTS_PER_RUN = 500
 
 
@@ -41,6 +43,7 @@ class ProjectConfig:
     warehouse_path: str
     erps: tuple[ErpConfig, ...]
     tenants_per_run: int
+    token_store_path: str = ""
 
 
 def load_config(environ: Mapping[str, str] | None = None) -> ProjectConfig:
@@ -50,7 +53,11 @@ def load_config(environ: Mapping[str, str] | None = None) -> ProjectConfig:
     per_run = env.get("ERP_TENANTS_PER_RUN", str(DEFAULT_TENANTS_PER_RUN))
     if not per_run.isdigit() or int(per_run) < 1:
         raise ConfigError("ERP_TENANTS_PER_RUN must be a positive whole number", fix="e.g. ERP_TENANTS_PER_RUN=500")
-    return ProjectConfig(env.get("ERP_WAREHOUSE_PATH") or DEFAULT_WAREHOUSE, erps, int(per_run))
+    if env.get(tokens.KEY_VARIABLE):
+        tokens.validate_key(env[tokens.KEY_VARIABLE])
+    return ProjectConfig(
+        env.get("ERP_WAREHOUSE_PATH") or DEFAULT_WAREHOUSE, erps, int(per_run), str(tokens.default_store_path(env))
+    )
 
 
 def _enabled_names(env: Mapping[str, str]) -> list[str]:
@@ -73,7 +80,7 @@ def _enabled_names(env: Mapping[str, str]) -> list[str]:
 
 def _erp_config(plugin: ErpPlugin, env: Mapping[str, str]) -> ErpConfig:
     for setting in plugin.connector_class.settings:
-        value = env.get(setting.env) or setting.default
+        value = (env.get(setting.env) or "").strip() or setting.default
         if setting.required and not value:
             raise ConfigError(
                 f"{plugin.name} is enabled but {setting.env} is not set ({setting.description})",
@@ -87,9 +94,9 @@ def _erp_config(plugin: ErpPlugin, env: Mapping[str, str]) -> ErpConfig:
                     fix=f"set {setting.env} to e.g. {setting.default or 'https://host/path'}",
                 )
     history_var = f"{plugin.name.upper()}_HISTORY_START"
-    raw = env.get(history_var) or DEFAULT_HISTORY_START
+    raw = env.get(history_var) or plugin.connector_class.default_history_start
     try:
         history_start = dt.date.fromisoformat(raw).replace(day=1)
     except ValueError:
-        raise ConfigError(f"{history_var} is not a date", fix=f"use YYYY-MM-DD, e.g. {DEFAULT_HISTORY_START}") from None
+        raise ConfigError(f"{history_var} is not a date", fix="use YYYY-MM-DD, e.g. 2023-01-01") from None
     return ErpConfig(plugin, history_start)

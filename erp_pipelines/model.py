@@ -63,6 +63,10 @@ class Balance:
     closing: Decimal
     currency: str = "NOK"
 
+    @property
+    def is_zero(self) -> bool:
+        return not (self.opening or self.movement or self.closing)
+
 
 @dataclass
 class TenantExtract:
@@ -71,6 +75,7 @@ class TenantExtract:
     client: Client
     accounts: list[Account] = field(default_factory=list)
     balances: list[Balance] = field(default_factory=list)
+    findings: list[dict] | None = None  # reconciliation rows, for sources that report totals
     error: Exception | None = None
 
     @property
@@ -105,9 +110,10 @@ def classify_clients(clients: list[Client]) -> list[Client]:
     """Apply the client rules: a valid organisation/personal number, unique per integration.
 
     Every client sharing a number is rejected (attributing rows to the wrong company is worse than
-    not loading them). Statuses already set by the connector (no API access) are kept."""
+    not loading them). Statuses already set by the connector (no API access) are kept. A client
+    listed twice with identical details (one client, not two sharing a number) counts once."""
     normalised: list[Client] = []
-    for client in clients:
+    for client in dict.fromkeys(clients):
         try:
             number = normalise_tenant_id(client.org_number)
         except ValueError as exc:

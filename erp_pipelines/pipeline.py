@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import threading
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import TypeVar
 
@@ -23,18 +24,42 @@ T = TypeVar("T")
 
 
 def iterate_sync(agen: AsyncIterator[T]) -> Iterator[T]:
-    """Drive an async iterator from synchronous code on a private event loop."""
+    """Drive an async iterator from synchronous code, on a private event loop in its own thread.
+
+    The next item is produced while the caller works on the current one (one item ahead), and the
+    loop keeps serving requests in flight meanwhile: the caller's work (Dagster events, say) does
+    not stall the extraction. Leaving early cancels whatever still runs and closes the iterator."""
     loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="iterate-sync-loop", daemon=True)
+    thread.start()
+
+    async def advance() -> T:
+        return await agen.__anext__()
+
     try:
+        ahead = asyncio.run_coroutine_threadsafe(advance(), loop)
         while True:
             try:
-                yield loop.run_until_complete(agen.__anext__())
+                item = ahead.result()
             except StopAsyncIteration:
                 return
+            ahead = asyncio.run_coroutine_threadsafe(advance(), loop)
+            yield item
     finally:
-        loop.run_until_complete(_close(agen))
-        loop.run_until_complete(loop.shutdown_asyncgens())
+        asyncio.run_coroutine_threadsafe(_shutdown(agen), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
         loop.close()
+
+
+async def _shutdown(agen: AsyncIterator) -> None:
+    """Cancel every other task of the private loop (an item being produced), then close `agen`."""
+    others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
+    await _close(agen)
+    await asyncio.get_running_loop().shutdown_asyncgens()
 
 
 async def _close(agen: AsyncIterator) -> None:
@@ -69,18 +94,36 @@ async def load_tenants(
     batch_tenants: int = 200,
     tenant_concurrency: int = 32,
 ) -> AsyncIterator[LoadedBatch]:
+    """Extract `clients` and write them in batches of `batch_tenants`, yielding each batch once it
+    is written. A batch is written in a worker thread while the next one is extracted (at most one
+    write at a time), so the event loop keeps serving requests during DuckDB writes; memory holds
+    at most two batches plus the tenants in flight, however many tenants a run covers."""
     what = tuple(what)
+    warehouse.prepare()  # before any request is in flight (see `Warehouse.prepare`)
     pending: list[TenantExtract] = []
     failed: list[TenantExtract] = []
-    async for extract in extract_tenants(
-        connector, clients, what=what, months=months, tenant_concurrency=tenant_concurrency
-    ):
-        (pending if extract.ok else failed).append(extract)
-        if len(pending) >= batch_tenants:
-            yield _write(warehouse, connector.erp, pending, failed, what, months, run_id)
-            pending, failed = [], []
-    if pending or failed:
-        yield _write(warehouse, connector.erp, pending, failed, what, months, run_id)
+    writing: asyncio.Future[LoadedBatch] | None = None
+    try:
+        async for extract in extract_tenants(
+            connector, clients, what=what, months=months, tenant_concurrency=tenant_concurrency
+        ):
+            (pending if extract.ok else failed).append(extract)
+            if len(pending) >= batch_tenants:
+                if writing is not None:
+                    written, writing = writing, None
+                    yield await written
+                writing = asyncio.ensure_future(
+                    asyncio.to_thread(_write, warehouse, connector.erp, pending, failed, what, months, run_id)
+                )
+                pending, failed = [], []
+        if writing is not None:
+            written, writing = writing, None
+            yield await written
+        if pending or failed:
+            yield await asyncio.to_thread(_write, warehouse, connector.erp, pending, failed, what, months, run_id)
+    finally:
+        if writing is not None:  # never leave a write running behind: wait for it (its result stands)
+            await asyncio.shield(writing)
 
 
 def _write(
@@ -101,6 +144,9 @@ def _write(
             erp, {e.client.org_number: e.balances for e in loaded}, months, run_id=run_id
         )
         rows, seconds = rows + result.rows, seconds + result.seconds
+        findings = {e.client.org_number: e.findings for e in loaded if e.findings is not None}
+        if findings:
+            warehouse.replace_reconciliation(erp, findings, run_id=run_id)
     warehouse.record_extraction_outcomes(
         erp,
         succeeded=[e.client.org_number for e in loaded],

@@ -215,6 +215,13 @@ class Warehouse:
         with self.connect():
             pass
 
+    def prepare(self) -> None:
+        """The schema, and what the first write needs loaded: pyarrow imports pandas (and numpy)
+        when it builds its first table, about a second of CPU. Call it before a long extraction,
+        so that second is not spent holding the GIL while requests are in flight."""
+        self.ensure_schema()
+        pa.Table.from_pydict({name: [] for name in BALANCE_SCHEMA.names}, schema=BALANCE_SCHEMA)
+
     # ------------------------------------------------------------------------------ clients
 
     def clients(self, erp: str) -> list[Client]:

@@ -13,6 +13,7 @@
 import asyncio
 import dataclasses
 import datetime as dt
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from zoneinfo import ZoneInfo
 
@@ -26,29 +27,31 @@ from erp_pipelines.model import TenantExtract, add_months, months_between
 from erp_pipelines.pipeline import LoadedBatch, iterate_sync, load_tenants, refresh_clients
 
 OSLO = ZoneInfo("Europe/Oslo")
+warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*backfill_policy.*")  # used on purpose
 WAREHOUSE = "warehouse"
 
 class BalanceWindow(dg.Config):
-    """Which months `<erp>/balances` extracts. Default: the previous and the current month (Oslo time)."""
+    """Which months `<erp>/balances` extracts. Default: the previous and the current month (Oslo
+    time); for file sources (SAF-T), every month the files cover."""
 
     full_sync: bool = False
     """All history, from `<ERP>_HISTORY_START` to the current month."""
-    months_back: int = 1
-    """Months before the current one (ignored with full_sync or from_month)."""
+    months_back: int | None = None
+    """Months before the current one (default 1; ignored with full_sync or from_month)."""
     from_month: str | None = None
     """First month, YYYY-MM (a backfill after year-end adjustments: e.g. 2025-01)."""
     to_month: str | None = None
     """Last month, YYYY-MM (default: the current month)."""
 
-    def months(self, history_start: dt.date, today: dt.date | None = None) -> list[dt.date]:
+    def months(self, history_start: dt.date, *, full_by_default: bool = False, today: dt.date | None = None) -> list[dt.date]:
         current = (today or dt.datetime.now(OSLO).date()).replace(day=1)
         last = _month(self.to_month, "to_month") if self.to_month else current
-        if self.full_sync:
+        if self.full_sync or (full_by_default and not self.from_month and self.months_back is None):
             first = history_start
         elif self.from_month:
             first = _month(self.from_month, "from_month")
         else:
-            first = add_months(current, -max(0, self.months_back))
+            first = add_months(current, -max(0, 1 if self.months_back is None else self.months_back))
         if first > last:
             raise ConfigError(f"the balance window {first:%Y-%m}..{last:%Y-%m} is empty", fix="check from_month/to_month")
         return months_between(first, last)
@@ -64,6 +67,7 @@ class ErpAssets:
     """Everything built for one ERP."""
 
     erp: str
+    connector_class: type
     partitions: dg.DynamicPartitionsDefinition
     clients_key: dg.AssetKey
     accounts_key: dg.AssetKey
@@ -179,10 +183,11 @@ def build_erp_assets(erp_config: ErpConfig, *, tenants_per_run: int) -> ErpAsset
         **partitioned,
     )
     def balances(context: dg.AssetExecutionContext, config: BalanceWindow) -> Iterator[dg.AssetMaterialization]:
-        yield from load(context, BALANCES, config.months(erp_config.history_start))
+        months = config.months(erp_config.history_start, full_by_default=connector_class.full_sync_by_default)
+        yield from load(context, BALANCES, months)
 
     checks = [_integrity_check(erp, balances_key, name) for name in quality.CHECKS]
-    return ErpAssets(erp, partitions, clients_key, accounts_key, balances_key, [clients, accounts, balances], checks)
+    return ErpAssets(erp, connector_class, partitions, clients_key, accounts_key, balances_key, [clients, accounts, balances], checks)
 
 def _integrity_check(erp: str, asset_key: dg.AssetKey, name: str) -> dg.AssetChecksDefinition:
     description, _ = quality.CHECKS[name]
@@ -230,7 +235,15 @@ def _tenant_metadata(extract: TenantExtract, what: str, months: list[dt.date]) -
             "accounts_with_balance": len({b.account_number for b in extract.balances}),
         }
     )
-    last = [b for b in extract.balances if b.period == months[-1]][:8]
+    if extract.findings is not None:
+        metadata["reconciliation_findings"] = len(extract.findings)
+        if extract.findings:
+            metadata["reconciliation"] = dg.MetadataValue.md(_rows_table(
+                [(f["check_name"], f.get("account_number") or "", f.get("period") or "", f.get("expected"),
+                  f.get("actual"), f["message"]) for f in extract.findings[:20]],
+                ("check", "account", "period", "expected", "actual", "message")))
+    last_period = max((b.period for b in extract.balances), default=None)
+    last = [b for b in extract.balances if b.period == last_period][:8]
     if last:
         metadata["preview"] = dg.MetadataValue.md(
             _rows_table([(b.period.isoformat(), b.account_number, b.opening, b.movement, b.closing) for b in last],

@@ -4,62 +4,104 @@ of tenants go as a few chunked runs rather than a run each."""
 
 import asyncio
 import datetime as dt
+import hashlib
+import json
 
 import dagster as dg
 
 from erp_pipelines.defs.assets import OSLO, WAREHOUSE, ErpAssets, _closing
 from erp_pipelines.defs.runs import tenant_range_run_requests
+from erp_pipelines.model import ClientStatus
 from erp_pipelines.pipeline import refresh_clients
 
 
-def build_client_access_sensor(erp_assets: ErpAssets, *, chunk_size: int, interval_seconds: int = 300) -> dg.SensorDefinition:
-    """Polls the ERP's client list. A newly granted client becomes a partition and gets a full
-    sync requested; a client that disappeared is recorded as revoked (its history is kept)."""
+def build_client_access_sensor(erp_assets: ErpAssets, *, chunk_size: int) -> dg.SensorDefinition:
+    """Polls the ERP's client list (for file sources: the drop folder).
+
+    - A newly granted client becomes a partition; every tenant whose balances were never
+      materialised (new, or registered by `<erp>/clients`) gets a full sync requested.
+    - A client that disappeared is recorded as revoked (history kept); a returning one is re-synced.
+    - Sources with content fingerprints (SAF-T files) get a re-import when a tenant's content changes.
+
+    Run keys are derived from what is requested, so an unchanged state never requests the same
+    runs twice (a tenant whose first sync failed is retried when something else changes, or by hand).
+    """
     erp = erp_assets.erp
+    connector_class = erp_assets.connector_class
 
     @dg.sensor(
         name=f"{erp}_client_access_sensor",
-        minimum_interval_seconds=interval_seconds,
+        minimum_interval_seconds=connector_class.sensor_interval_seconds,
         target=dg.AssetSelection.assets(*erp_assets.extract_keys),
         required_resource_keys={erp, WAREHOUSE},
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description=f"New or withdrawn client access in {erp}: registers partitions, requests first full syncs.",
+        description=f"New, withdrawn or changed client access in {erp}: registers partitions, requests full syncs.",
     )
     def client_access_sensor(context: dg.SensorEvaluationContext, **resources) -> dg.SensorResult:
         warehouse = _resource(context, resources, WAREHOUSE).get()
         connector = _resource(context, resources, erp).connector()
-        listed, change = asyncio.run(_closing(connector, refresh_clients(connector, warehouse)))
+
+        async def poll():
+            listed, change = await refresh_clients(connector, warehouse)
+            return listed, change, await connector.tenant_fingerprints()
+
+        listed, change, fingerprints = asyncio.run(_closing(connector, poll()))
         existing = list(context.instance.get_dynamic_partitions(erp_assets.partitions.name))
         known = set(existing)
         added = [org for org in change.active if org not in known]
-        first_sync = added + [org for org in change.reactivated if org in known]
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+        active = set(change.active)
+        synced = context.instance.get_materialized_partitions(erp_assets.balances_key) if existing else set()
+        by_org = _fingerprints_by_org(listed, fingerprints)
+        previous = json.loads(context.cursor) if context.cursor else {}
+        changed = [org for org, value in by_org.items() if org in synced and previous.get(org, value) != value]
+        selected = (
+            [org for org in existing + added if org in active and org not in synced]
+            + [org for org in change.reactivated if org in synced]
+            + changed
+        )
+        key_material: dict = {"selected": sorted(selected), "fingerprints": by_org}
+        if change.reactivated:  # reported once per reactivation: make each one a new request
+            key_material["reactivated_at"] = dt.datetime.now(dt.UTC).isoformat()
+        digest = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:12]
         run_requests = tenant_range_run_requests(
             ordered_keys=existing + added,
-            selected=first_sync,
+            selected=set(selected),
             chunk_size=chunk_size,
             asset_selection=erp_assets.extract_keys,
-            run_key_prefix=f"{erp}-first-sync-{stamp}",
+            run_key_prefix=f"{erp}-sync-{digest}",
             run_config={"ops": {erp_assets.balances_op: {"config": {"full_sync": True}}}},
             tags={"erp": erp, "erp/trigger": "client-access"},
         )
-        changed = bool(added or change.new or change.revoked or change.reactivated)
         for org in change.revoked:
             context.log.info(f"{erp}: access to tenant {org} was withdrawn; recorded as revoked")
+        for org in changed:
+            context.log.info(f"{erp}: content of tenant {org} changed; re-importing")
+        counts = {**change.counts, "partitions_added": len(added), "tenants_changed": len(changed)}
+        changed_registry = bool(added or change.new or change.revoked or change.reactivated or changed)
         return dg.SensorResult(
             run_requests=run_requests,
             dynamic_partitions_requests=[erp_assets.partitions.build_add_request(added)] if added else [],
             asset_events=[
                 dg.AssetMaterialization(
-                    asset_key=erp_assets.clients_key,
-                    metadata={**change.counts, "partitions_added": len(added), "source": "client access sensor"},
+                    asset_key=erp_assets.clients_key, metadata={**counts, "source": "client access sensor"}
                 )
             ]
-            if changed
+            if changed_registry
             else [],
+            cursor=json.dumps(by_org, sort_keys=True) if by_org else None,
         )
 
     return client_access_sensor
+
+
+def _fingerprints_by_org(listed, fingerprints: dict[str, str] | None) -> dict[str, str]:
+    if not fingerprints:
+        return {}
+    return {
+        c.org_number: fingerprints[c.erp_client_id]
+        for c in listed
+        if c.erp_client_id in fingerprints and c.status != ClientStatus.REJECTED
+    }
 
 
 def build_daily_balance_schedule(erp_assets: ErpAssets, *, chunk_size: int, cron: str = "0 6 * * *") -> dg.ScheduleDefinition:

@@ -28,7 +28,9 @@ def build_definitions(environ: Mapping[str, str] | None = None) -> dg.Definition
         sensors.append(build_client_access_sensor(built, chunk_size=config.tenants_per_run))
         if erp_config.plugin.connector_class.scheduled_refresh:
             schedules.append(build_daily_balance_schedule(built, chunk_size=config.tenants_per_run))
-        resources[erp_config.name] = erp_resource_from_env(erp_config.plugin)
+        resources[erp_config.name] = erp_resource_from_env(
+            erp_config.plugin, environ, token_store_path=config.token_store_path
+        )
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,

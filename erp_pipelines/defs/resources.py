@@ -8,6 +8,7 @@ show the variable's name, never its value.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
@@ -15,6 +16,7 @@ from pydantic import PrivateAttr
 
 from erp_pipelines.erps.base import Connector
 from erp_pipelines.registry import ErpPlugin
+from erp_pipelines.tokens import KEY_VARIABLE, TokenStore, validate_key
 from erp_pipelines.warehouse import Warehouse
 
 
@@ -33,10 +35,18 @@ class WarehouseResource(dg.ConfigurableResource):
 class ErpResource(dg.ConfigurableResource):
     """Base of the generated per-ERP resources (`TripletexResource`, ...)."""
 
+    token_store_path: str | None = None
+    """The encrypted token store (`ERP_TOKEN_STORE_PATH`); its key comes from `ERP_TOKEN_STORE_KEY`
+    at run time (or the key file beside it), never from the run config."""
+
     def connector(self, **overrides: Any) -> Connector:
         """A new connector (create one per event loop: it owns an async HTTP client)."""
-        values = {name: getattr(self, name) for name in self.__class__.model_fields}
-        return self._plugin().connector_class(**{k: v for k, v in values.items() if v is not None}, **overrides)
+        connector_class = self._plugin().connector_class
+        values = {name: getattr(self, name) for name in self.__class__.model_fields if name != "token_store_path"}
+        if connector_class.uses_token_store and self.token_store_path and "token_store" not in overrides:
+            raw_key = os.environ.get(KEY_VARIABLE)
+            overrides["token_store"] = TokenStore(self.token_store_path, key=validate_key(raw_key) if raw_key else None)
+        return connector_class(**{k: v for k, v in values.items() if v is not None}, **overrides)
 
     @classmethod
     def _plugin(cls) -> ErpPlugin:
@@ -60,13 +70,20 @@ def erp_resource_class(plugin: ErpPlugin) -> type[ErpResource]:
     return type(name, (ErpResource,), namespace)
 
 
-def erp_resource_from_env(plugin: ErpPlugin) -> ErpResource:
-    """The resource with every setting bound to its environment variable."""
+def erp_resource_from_env(
+    plugin: ErpPlugin, environ: Mapping[str, str] | None = None, *, token_store_path: str | None = None
+) -> ErpResource:
+    """The resource with every setting bound to its environment variable: secrets as `EnvVar`s
+    (resolved at run time, shown by name), other settings by value from `environ` (the mapping the
+    definitions were validated against)."""
+    env = os.environ if environ is None else environ
     resource_class = erp_resource_class(plugin)
     values: dict[str, Any] = {}
     for setting in plugin.connector_class.settings:
         if setting.secret or setting.default is None:
             values[setting.field] = dg.EnvVar(setting.env)
         else:
-            values[setting.field] = os.environ.get(setting.env) or setting.default
+            values[setting.field] = (env.get(setting.env) or "").strip() or setting.default
+    if plugin.connector_class.uses_token_store and token_store_path:
+        values["token_store_path"] = token_store_path
     return resource_class(**values)

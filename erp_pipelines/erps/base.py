@@ -10,6 +10,8 @@ A connector turns one credential into canonical records (`erp_pipelines.model`):
 
 Before returning a tenant's records a connector confirms the ERP answered for that tenant
 (`verify_tenant`), so a misrouted response is refused instead of stored under the wrong company.
+`extract.extract_tenant` calls `verify_tenant` once more after the last read, for every ERP: an
+identity that changed between the guard and the data refuses the data too.
 """
 
 from __future__ import annotations
@@ -36,11 +38,39 @@ class Setting:
 
 @dataclasses.dataclass(frozen=True)
 class RateLimit:
-    """An ERP's published limit per credential. `None` means "follow the response headers"."""
+    """An ERP's published limit per credential. `requests_per_second=None` means "follow the
+    response headers". `max_in_flight` is the published concurrency cap, or, when the ERP publishes
+    none, where the limiter starts: it may then raise concurrency up to `in_flight_ceiling` when
+    latency dominates (see `http.RateLimiter`)."""
 
     requests_per_second: float | None = None
     max_in_flight: int = 8
     source: str = ""
+    in_flight_ceiling: int | None = None  # None: max_in_flight is a hard cap
+
+
+# Each ERP's published limit per credential, in one place (facts: shared/erp-api/<erp>/NOTES.md).
+# A connector sets `rate_limit = PUBLISHED_RATE_LIMITS["<erp>"]`; the benchmark's sandbox enforces
+# the same numbers. Where a vendor publishes no concurrency cap we start at 16 in flight and let
+# the limiter go up to 64 when latency dominates.
+PUBLISHED_RATE_LIMITS: dict[str, RateLimit] = {
+    "tripletex": RateLimit(
+        None, 16, "X-Rate-Limit-Limit/-Remaining/-Reset headers, per employee token per API consumer; "
+        "numbers unpublished; the 429 carries no reset header", in_flight_ceiling=64,
+    ),
+    "vismanet": RateLimit(
+        None, 16, "X-RateLimit-Limit/-Remaining/-Reset headers, fixed window per company and client; "
+        "numbers unpublished", in_flight_ceiling=64,
+    ),
+    "poweroffice": RateLimit(
+        10.0, 16, "10 requests/s per subscription key, shared by all client keys", in_flight_ceiling=64,
+    ),
+    "fiken": RateLimit(4.0, 1, "1 request in flight and 4 requests/s per user (more may be slowed or banned)"),
+    "eaccounting": RateLimit(
+        10.0, 16, "600 requests/minute per client and endpoint; no rate-limit headers", in_flight_ceiling=64,
+    ),
+    "businessnxt": RateLimit(10.0, 60, "600 requests/minute per token; 60 in flight per company"),
+}
 
 
 class Connector(abc.ABC):
@@ -51,6 +81,10 @@ class Connector(abc.ABC):
     settings: ClassVar[tuple[Setting, ...]]
     rate_limit: ClassVar[RateLimit]
     scheduled_refresh: ClassVar[bool] = True  # False for sources that only change when files arrive
+    full_sync_by_default: ClassVar[bool] = False  # file sources: a partition imports all its months
+    default_history_start: ClassVar[str] = "2023-01-01"  # first month of a full sync (<ERP>_HISTORY_START)
+    sensor_interval_seconds: ClassVar[int] = 300
+    uses_token_store: ClassVar[bool] = False  # True: the constructor takes `token_store=` (tokens.py)
 
     def __init__(self, **config: Any) -> None:
         self.config = config
@@ -64,7 +98,22 @@ class Connector(abc.ABC):
     @abc.abstractmethod
     async def fetch_balances(self, client: Client, months: list[dt.date]) -> list[Balance]: ...
 
-    async def aclose(self) -> None:  # noqa: B027 - optional hook
+    async def verify_tenant(self, client: Client) -> None:  # noqa: B027 - optional hook
+        """Raise `TenantMismatch` unless the ERP says it is answering for `client` (organisation
+        number, company id). API connectors implement it; sources whose records carry their own
+        identity (SAF-T files) check it while parsing and keep this no-op."""
+
+    async def reconciliation_findings(self, client: Client) -> list[dict[str, Any]] | None:
+        """Rows for the warehouse's `reconciliation` table (totals the ERP reports vs the records),
+        or None when the source reports no totals to reconcile against."""
+        return None
+
+    async def tenant_fingerprints(self) -> dict[str, str] | None:
+        """erp_client_id → a hash of the tenant's source content, for sources whose content can be
+        fingerprinted cheaply (files). A changed fingerprint makes the sensor request a re-import."""
+        return None
+
+    async def aclose(self) -> None:
         """Release connections. Safe to call twice."""
 
     async def __aenter__(self):

@@ -3,7 +3,8 @@
 Plain Python, used by the Dagster assets, the benchmarks and anyone calling the connectors directly.
 HTTP concurrency is bounded by the connector's `RateLimiter`; `tenant_concurrency` only bounds
 how many tenants are open at once (and so memory). One tenant's failure is captured in its
-`TenantExtract.error` and never stops the others.
+`TenantExtract.error` and never stops the others. Balance rows that are zero throughout (opening,
+movement and closing) are dropped here, for every source alike.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import datetime as dt
 from collections.abc import AsyncIterator, Iterable
 
 from erp_pipelines.erps.base import Connector
-from erp_pipelines.errors import ErpError
+from erp_pipelines.errors import BadResponse, ErpError
 from erp_pipelines.model import Client, TenantExtract
 
 ACCOUNTS = "accounts"
@@ -23,19 +24,53 @@ BALANCES = "balances"
 async def extract_tenant(
     connector: Connector, client: Client, *, what: Iterable[str], months: list[dt.date]
 ) -> TenantExtract:
+    """One tenant's records, or the error that stopped them (never both).
+
+    After the last read the tenant guard runs again (`Connector.verify_tenant`): an ERP that
+    switched to another company while the data was read is refused, not stored. Records that
+    repeat a key (an account number, or a period and account) are refused as well: a duplicated
+    row must never land."""
     result = TenantExtract(client=client)
     try:
         if ACCOUNTS in what:
             result.accounts = await connector.fetch_accounts(client)
         if BALANCES in what:
-            result.balances = await connector.fetch_balances(client, months)
+            result.balances = [b for b in await connector.fetch_balances(client, months) if not b.is_zero]
+            result.findings = await connector.reconciliation_findings(client)
+        await connector.verify_tenant(client)
+        _refuse_repeated_keys(connector.erp, client, result)
     except ErpError as exc:
         result.error = exc.for_tenant(client.label)
-        result.accounts, result.balances = [], []
+        result.accounts, result.balances, result.findings = [], [], None
     except Exception as exc:  # a bug or an unexpected payload must still stay on its tenant
-        result.error = RuntimeError(f"{client.label}: unexpected {type(exc).__name__}: {exc}")
-        result.accounts, result.balances = [], []
+        result.error = RuntimeError(
+            f"{client.label}: unexpected {type(exc).__name__}: {exc} Fix: this is a bug in the "
+            f"{connector.erp} connector; retry the partition, and report it with the run's logs if it recurs"
+        )
+        result.accounts, result.balances, result.findings = [], [], None
     return result
+
+
+def _refuse_repeated_keys(erp: str, client: Client, result: TenantExtract) -> None:
+    repeated = _first_repeat(a.account_number for a in result.accounts)
+    if repeated is None:
+        repeated = _first_repeat((b.period, b.account_number) for b in result.balances)
+    if repeated is not None:
+        raise BadResponse(
+            f"the extract holds {repeated} more than once; nothing was stored",
+            erp=erp,
+            tenant=client.label,
+            fix="retry the partition; if it recurs, the ERP's list is unstable and the connector must be fixed",
+        )
+
+
+def _first_repeat(keys: Iterable) -> object | None:
+    seen = set()
+    for key in keys:
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
 
 
 async def extract_tenants(

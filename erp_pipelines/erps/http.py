@@ -14,23 +14,44 @@ Messages never include request headers or bodies, so credentials cannot leak thr
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import contextvars
 import dataclasses
 import email.utils
+import importlib.util
 import json
 import logging
+import math
 import random
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from erp_pipelines.errors import BadResponse, ErpError, RateLimited, UpstreamError
 
+if TYPE_CHECKING:
+    from erp_pipelines.erps.base import RateLimit
+
 log = logging.getLogger(__name__)
+
+
+def _record_sniffio_absent() -> None:
+    """httpcore 1.x runs `import sniffio` on every request to tell asyncio from trio. anyio 4.x no
+    longer installs sniffio, and Python does not cache a failed import: each request then scans
+    sys.path several times (~0.25 ms each, about a third of the client's CPU per request at the
+    rate limit). Recording the module as absent makes the failed import instant; the answer
+    httpcore gets ("asyncio") is the same."""
+    if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
+        sys.modules["sniffio"] = None  # `import sniffio` now raises ImportError at once
+
+
+_record_sniffio_absent()
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -69,89 +90,287 @@ class RateLimitHeaders:
 class RateLimiter:
     """Rate and concurrency limit for one credential, shared by all its requests in a process.
 
-    `requests_per_second=None` means the ERP publishes no number: follow its headers instead (when
-    `remaining` reaches the requests already in flight, wait for the window to reset).
+    Three kinds of limit, combined:
+
+    - a published rate (`requests_per_second`): a token bucket holding one second's worth;
+    - requests in flight: at most `in_flight_limit`, which starts at `max_in_flight`. When the ERP
+      publishes no concurrency cap (`in_flight_ceiling` above `max_in_flight`), the limit follows
+      Little's law as latency dominates: enough requests in flight to reach the allowed rate at the
+      server's latency (the lowest of the last 100 response times; rate × latency × 1.5 + 1),
+      never above the ceiling;
+    - the ERP's rate-limit headers (limit / remaining / reset), for ERPs that publish no number
+      (`requests_per_second=None`: Tripletex, Visma.net). The limiter models the current window:
+      its credits (remaining, minus the requests sent after the one that reported it, so requests
+      in flight are never counted twice) and when it ends. It sends while credits last, then waits
+      for the window's end and starts the next one at full speed. The end is known within one
+      round trip when the window's first request is known (its send time + the window length, the
+      longest reset seen); otherwise `response time + reset` bounds it. A reset header in whole
+      seconds alone would waste up to a second per window.
+
+    A 429 pauses every request of the credential, so it never turns into a retry storm: for
+    `Retry-After`, else the ERP's reset header, else until the modelled window end (Tripletex's 429
+    has no reset header). A 429 after the modelled end means the guess was early: the limiter
+    then probes with a short backoff (1/50 of the window, doubling, never past the window's upper
+    bound). Without any model: the last reset seen, then 0.5 s doubling (with jitter, at most 60 s).
+    429s of requests sent before the pause began belong to the same incident and do not escalate.
+
+    `clock` and `sleep` are injectable, so tests run on a fake clock.
     """
+
+    WINDOW_END_MARGIN = 0.005  # seconds after the modelled window end before its next request
+    _SENT_HISTORY = 4096  # send times kept to find a window's first request
 
     def __init__(
         self,
         requests_per_second: float | None = None,
-        max_in_flight: int = 8,
+        max_in_flight: int | None = 8,
         *,
+        in_flight_ceiling: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
         self.requests_per_second = requests_per_second
-        self.max_in_flight = max_in_flight
+        self.max_in_flight = max_in_flight or 0  # 0: unbounded
+        self.in_flight_ceiling = max(in_flight_ceiling or 0, self.max_in_flight) if self.max_in_flight else 0
+        self.in_flight_limit = self.max_in_flight
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._clock = clock
-        self._in_flight = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+        self._sleep = sleep
+        # token bucket (published rate)
         self._bucket_capacity = max(1.0, requests_per_second or 1.0)
         self._tokens = self._bucket_capacity
         self._refilled_at = clock()
+        # window model (rate-limit headers)
+        self.window_limit: int | None = None  # the header's limit per window
+        self.window_seconds: float | None = None  # the longest reset seen: the window's length
+        self._credits: float | None = None  # requests we may still send in this window; None: unknown
+        self._window_lo: float | None = None  # the window ends after this ...
+        self._window_hi: float | None = None  # ... and no later than this
+        self._resume_at: float | None = None  # when to send again once the credits are spent
+        self._assumed_fresh = False  # credits were refilled on the model's word, not the server's
+        self._early_guesses = 0
+        self._observed_seq = 0
+        self._observed_remaining: float | None = None
+        self._seq = 0
+        self._sent_at: collections.deque[float] = collections.deque(maxlen=self._SENT_HISTORY)
+        # the server's latency: the lowest of the recent response times (a mean would also count our
+        # own event loop's delays, and more requests in flight cannot cure those)
+        self.latency: float | None = None
+        self._latencies: collections.deque[float] = collections.deque(maxlen=100)
+        # 429s
         self._paused_until = 0.0
+        self._incident_at = float("-inf")
         self._last_reset_seconds: float | None = None
         self._consecutive_429s = 0
-        self._lock = asyncio.Lock()
         self.waited_seconds = 0.0
+
+    @classmethod
+    def for_rate_limit(cls, limit: RateLimit, **kwargs: Any) -> RateLimiter:
+        """The limiter for an ERP's published limit (`Connector.rate_limit`)."""
+        return cls(limit.requests_per_second, limit.max_in_flight, in_flight_ceiling=limit.in_flight_ceiling, **kwargs)
+
+    # ------------------------------------------------------------------------------ slots
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        if self._in_flight is None:
-            await self._wait_turn()
+        """Hold one request's turn: in flight, within the rate, within the window's credits."""
+        await self._acquire()
+        ticket: _Ticket | None = None
+        try:
+            ticket = await self._wait_turn()
+            _TICKET.set(ticket)
             yield
-            return
-        async with self._in_flight:
-            await self._wait_turn()
-            yield
+        finally:
+            if ticket is not None:
+                ticket.done = self._clock()
+            self._release()
 
-    async def _wait_turn(self) -> None:
+    async def _acquire(self) -> None:
+        if self.in_flight_limit and (self.in_flight >= self.in_flight_limit or self._waiters):
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter  # `_wake` counts us in before it resolves the future
+                return
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._release()
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(waiter)
+                raise
+        self._enter()
+
+    def _enter(self) -> None:
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and (not self.in_flight_limit or self.in_flight < self.in_flight_limit):
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._enter()
+                waiter.set_result(None)
+
+    async def _wait_turn(self) -> _Ticket:
         while True:
-            async with self._lock:
-                now = self._clock()
-                delay = self._paused_until - now
-                if delay <= 0 and self.requests_per_second:
-                    elapsed = now - self._refilled_at
-                    self._tokens = min(self._bucket_capacity, self._tokens + elapsed * self.requests_per_second)
-                    self._refilled_at = now
-                    if self._tokens >= 1:
-                        self._tokens -= 1
-                        return
-                    delay = (1 - self._tokens) / self.requests_per_second
-                elif delay <= 0:
-                    return
+            now = self._clock()
+            delay = self._delay(now)
+            if delay <= 0:
+                return self._take(now)
             self.waited_seconds += delay
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
+
+    def _delay(self, now: float) -> float:
+        """Seconds until the next request may go (0: now)."""
+        if self._paused_until > now:
+            return self._paused_until - now
+        if self._credits is not None and self._credits < 1:
+            if self._resume_at is not None and now < self._resume_at:
+                return self._resume_at - now
+            # the spent window has ended: a fresh one, as the next response will confirm
+            self._credits = float(self.window_limit) if self.window_limit else None
+            self._assumed_fresh = True
+        if self.requests_per_second:
+            self._tokens = min(self._bucket_capacity,
+                               self._tokens + (now - self._refilled_at) * self.requests_per_second)
+            self._refilled_at = now
+            if self._tokens < 1:
+                return (1 - self._tokens) / self.requests_per_second
+        return 0.0
+
+    def _take(self, now: float) -> _Ticket:
+        self._seq += 1
+        self._sent_at.append(now)
+        if self._credits is not None:
+            self._credits -= 1
+        if self.requests_per_second:
+            self._tokens -= 1
+        return _Ticket(self._seq, now)
+
+    def _sent_time(self, seq: int) -> float | None:
+        index = seq - (self._seq - len(self._sent_at) + 1)
+        return self._sent_at[index] if 0 <= index < len(self._sent_at) else None
+
+    def allowed_rate(self) -> float | None:
+        """Requests per second the ERP allows: the published rate and/or the headers' limit per window."""
+        rates = [self.requests_per_second or 0.0]
+        if self.window_limit and self.window_seconds:
+            rates.append(self.window_limit / self.window_seconds)
+        rates = [rate for rate in rates if rate > 0]
+        return min(rates) if rates else None
+
+    def _observe_latency(self, seconds: float) -> None:
+        self._latencies.append(seconds)
+        self.latency = min(self._latencies)
+        rate = self.allowed_rate()
+        if not rate or self.in_flight_ceiling <= self.max_in_flight:
+            return
+        wanted = math.ceil(rate * self.latency * 1.5) + 1
+        limit = min(self.in_flight_ceiling, max(self.max_in_flight, wanted))
+        if limit != self.in_flight_limit:
+            self.in_flight_limit = limit
+            self._wake()
+
+    # ------------------------------------------------------------------------------ feedback
 
     def observe_headers(self, headers: Mapping[str, str], names: RateLimitHeaders | None) -> None:
-        """Pause before the window is exhausted, from the ERP's remaining/reset headers."""
+        """A response other than 429: its latency, and its rate-limit headers update the window model."""
         self._consecutive_429s = 0
+        now = self._clock()
+        ticket = _TICKET.get() or _Ticket(self._seq, now, now)
+        done = ticket.done if ticket.done is not None else now
+        self._observe_latency(done - ticket.sent)
         if names is None or names.remaining is None:
             return
+        limit = _as_float(headers.get(names.limit)) if names.limit else None
         remaining = _as_float(headers.get(names.remaining))
         reset = self._reset_seconds(headers, names)
+        if limit is not None and limit >= 1:
+            self.window_limit = int(limit)
         if reset is not None:
             self._last_reset_seconds = reset
-        if remaining is None or reset is None:
-            return
-        in_flight = self.max_in_flight - (self._in_flight._value if self._in_flight else 0)
-        if remaining <= max(0, in_flight - 1):
-            self._pause(reset)
+            self.window_seconds = max(self.window_seconds or 0.0, reset)
+        if remaining is None or reset is None or ticket.seq < self._observed_seq:
+            return  # nothing to model, or older news than we have
+        # within one window `remaining` falls in send order; not falling means another window
+        if self._observed_remaining is None or remaining >= self._observed_remaining:
+            self._start_window(ticket, remaining, done + reset)
+        elif self._assumed_fresh:
+            # the window we took for ended still runs: the guess was early
+            self._assumed_fresh = False
+            self._window_lo = max(self._window_lo or ticket.sent, ticket.sent)
+            self._window_hi = min(self._window_hi or done + reset, done + reset)
+            self._resume_at = self._probe_at(now)
+        else:
+            self._window_hi = min(self._window_hi or done + reset, done + reset)
+            if self._resume_at is not None:
+                self._resume_at = min(self._resume_at, self._window_hi)
+        self._observed_seq, self._observed_remaining = ticket.seq, remaining
+        self._credits = remaining - (self._seq - ticket.seq)
+
+    def _start_window(self, ticket: _Ticket, remaining: float, upper: float) -> None:
+        self._assumed_fresh = False
+        self._early_guesses = 0
+        self._window_lo, self._window_hi = None, upper
+        if self.window_limit and self.window_seconds:
+            first_seq = ticket.seq - int(self.window_limit - 1 - remaining)  # the window's first request
+            first = self._sent_time(first_seq) if first_seq > self._observed_seq else None
+            if first is not None:
+                done = ticket.done if ticket.done is not None else upper
+                self._window_lo = first + self.window_seconds
+                self._window_hi = min(upper, done + self.window_seconds)
+        self._resume_at = (
+            self._window_lo + self.WINDOW_END_MARGIN if self._window_lo is not None else self._window_hi
+        )
+
+    def _probe_at(self, now: float) -> float:
+        """After an early guess: try again a little later, never past the window's upper bound."""
+        self._early_guesses += 1
+        step = max(0.005, (self.window_seconds or 1.0) / 50) * 2 ** (self._early_guesses - 1)
+        at = max(now, self._window_lo or now) + step
+        return min(at, self._window_hi) if self._window_hi is not None and self._window_hi > now else at
 
     def on_rate_limited(self, headers: Mapping[str, str], names: RateLimitHeaders | None) -> float:
-        """A 429: pause every request of this credential; returns the pause in seconds.
-
-        Order: `Retry-After`, the ERP's reset header, the last reset seen, then exponential backoff
-        (ERPs such as Tripletex send 429 without any reset header)."""
+        """A 429: pause every request of this credential; returns the pause in seconds."""
         self._consecutive_429s += 1
+        now = self._clock()
+        ticket = _TICKET.get() or _Ticket(self._seq, now, now)
+        if self._credits is not None:
+            self._credits = 0.0  # the server says this window is spent
         delay = _retry_after_seconds(headers.get("retry-after"))
         if delay is None and names is not None:
             delay = self._reset_seconds(headers, names)
+        if delay is None and ticket.sent < self._incident_at:
+            return max(0.0, self._paused_until - now)  # part of the incident already paused for
+        if delay is None:
+            self._incident_at = now
+            delay = self._model_delay(now, ticket)
         if delay is None and self._last_reset_seconds is not None and self._consecutive_429s == 1:
             delay = self._last_reset_seconds
         if delay is None:
-            delay = min(60.0, 0.5 * 2 ** (self._consecutive_429s - 1))
-        delay = max(0.05, delay) * random.uniform(1.0, 1.2)
+            delay = min(60.0, 0.5 * 2 ** (self._consecutive_429s - 1)) * random.uniform(1.0, 1.2)
+        delay = max(0.0, delay)
         self._pause(delay)
         return delay
+
+    def _model_delay(self, now: float, ticket: _Ticket) -> float | None:
+        """How long the window model says to wait after a 429 without any reset header."""
+        if self._window_hi is None:
+            return None
+        if not self._assumed_fresh and self._resume_at is not None and now < self._resume_at:
+            return self._resume_at - now  # the window still runs, as modelled
+        # the model took the window for ended too early: probe
+        self._assumed_fresh = False
+        self._window_lo = max(self._window_lo or ticket.sent, ticket.sent)
+        self._resume_at = self._probe_at(now)
+        return self._resume_at - now
 
     def _pause(self, seconds: float) -> None:
         self._paused_until = max(self._paused_until, self._clock() + seconds)
@@ -163,6 +382,19 @@ class RateLimiter:
         if value is None:
             return None
         return value if names.reset_is_delta else max(0.0, value - time.time())
+
+
+@dataclasses.dataclass
+class _Ticket:
+    """One request's turn: its number in send order, when it was sent and when it returned."""
+
+    seq: int
+    sent: float
+    done: float | None = None
+
+
+# The current request's ticket, read by `observe_headers`/`on_rate_limited` after the slot is left.
+_TICKET: contextvars.ContextVar[_Ticket | None] = contextvars.ContextVar("rate_limit_ticket", default=None)
 
 
 def _as_float(value: str | None) -> float | None:
@@ -229,7 +461,8 @@ class ApiClient:
             transport=transport,
             timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
             headers={"Accept": "application/json", **(headers or {})},
-            limits=httpx.Limits(max_connections=max(limiter.max_in_flight, 1) * 2, max_keepalive_connections=64),
+            # the limiter bounds requests in flight; the pool only needs room for them (None: unbounded)
+            limits=httpx.Limits(max_connections=limiter.in_flight_ceiling * 2 or None, max_keepalive_connections=64),
         )
 
     async def aclose(self) -> None:
@@ -244,10 +477,18 @@ class ApiClient:
         json_body: Any = None,
         auth: httpx.Auth | None = None,
         tenant: str | None = None,
-    ) -> httpx.Response:
-        """Send with retries; returns a 2xx response or raises a mapped `ErpError`."""
+        decode: bool = False,
+        first_attempt: int = 1,
+    ) -> Any:
+        """Send with retries; returns a 2xx response (with `decode`: its JSON body) or raises a
+        mapped `ErpError`. Every attempt counts against one budget (`RetryPolicy.max_attempts`),
+        whatever went wrong: a 5xx, a 429, a dropped connection or a malformed body.
+
+        `first_attempt`: a caller repeating a request after handling an error itself (a re-minted
+        session after a 401) continues the budget instead of starting a new one; raised errors
+        carry `attempts`, the attempts spent."""
         url = path.lstrip("/")
-        attempt = 0
+        attempt = max(1, first_attempt) - 1
         while True:
             attempt += 1
             try:
@@ -280,8 +521,21 @@ class ApiClient:
                 self.stats.retries += 1
                 continue
             self.limiter.observe_headers(response.headers, self.rate_limit_headers)
-            if response.is_success:
+            if response.is_success and not decode:
                 return response
+            if response.is_success:
+                try:
+                    return decode_json(response)
+                except ValueError:  # truncated or malformed: retried like a dropped connection
+                    if attempt >= self.retry.max_attempts:
+                        raise BadResponse(
+                            f"{method} {path} returned malformed JSON {attempt} times",
+                            erp=self.erp,
+                            tenant=tenant,
+                            fix="the ERP returned a broken payload; retry the partition later",
+                        ) from None
+                    await self._sleep_before_retry(attempt)
+                    continue
             body = _safe_json(response)
             mapped = self.map_error(response, body) if self.map_error else None
             if mapped is None and response.status_code in RETRY_STATUSES:
@@ -295,31 +549,20 @@ class ApiClient:
                 )
             if mapped is None:
                 mapped = BadResponse(f"{method} {path} answered HTTP {response.status_code}", erp=self.erp)
+            mapped.attempts = attempt
             raise mapped.for_tenant(tenant) if tenant else mapped
 
-    async def get_json(self, path: str, *, params=None, auth=None, tenant: str | None = None) -> Any:
-        return await self._json("GET", path, params=params, auth=auth, tenant=tenant)
+    async def get_json(self, path: str, *, params=None, auth=None, tenant: str | None = None,
+                       first_attempt: int = 1) -> Any:
+        return await self._json("GET", path, params=params, auth=auth, tenant=tenant, first_attempt=first_attempt)
 
     async def send_json(self, method: str, path: str, body: Any, *, params=None, auth=None, tenant=None) -> Any:
         return await self._json(method, path, params=params, json_body=body, auth=auth, tenant=tenant)
 
     async def _json(self, method: str, path: str, *, tenant: str | None, **kwargs) -> Any:
-        """Like `request`, plus JSON decoding; a truncated or malformed body is retried like a
-        dropped connection (it usually is one), then raised as `BadResponse`."""
-        for attempt in range(1, self.retry.max_attempts + 1):
-            response = await self.request(method, path, tenant=tenant, **kwargs)
-            try:
-                return decode_json(response)
-            except ValueError:
-                if attempt == self.retry.max_attempts:
-                    raise BadResponse(
-                        f"{method} {path} returned malformed JSON {attempt} times",
-                        erp=self.erp,
-                        tenant=tenant,
-                        fix="the ERP returned a broken payload; retry the partition later",
-                    ) from None
-                await self._sleep_before_retry(attempt)
-        raise AssertionError("unreachable")
+        """`request` with JSON decoding; a truncated or malformed body is retried like a dropped
+        connection (it usually is one), within the same attempt budget, then `BadResponse`."""
+        return await self.request(method, path, tenant=tenant, decode=True, **kwargs)
 
     async def _sleep_before_retry(self, attempt: int) -> None:
         self.stats.retries += 1
@@ -374,6 +617,97 @@ async def numbered_pages(
 
 async def collect(pages: AsyncIterator[list[Any]]) -> list[Any]:
     return [item async for page in pages for item in page]
+
+
+LIST_CHANGED_FIX = "the data is being edited in the ERP right now; retry the partition later"
+
+
+async def consistent_offset_list(
+    fetch_page: PageFetcher,
+    params: Mapping[str, Any] | None = None,
+    *,
+    page_size: int,
+    identity: Callable[[Any], Any],
+    version_key: str | None = None,
+    items_key: str = "values",
+    offset_param: str = "from",
+    size_param: str = "count",
+    max_reads: int = 3,
+    where: str = "",
+    erp: str | None = None,
+    tenant: str | None = None,
+) -> list[Any]:
+    """A whole offset-paged list, read as one consistent snapshot.
+
+    Offset paging is only correct while the list stands still: a row inserted before the current
+    offset shifts the rest, so the next page repeats a row; a removed row makes the next page skip
+    one. Both are detected, and the list is then read again from the start:
+
+    - `version_key`: the ERP's version of the *whole* list on every page (Tripletex `versionDigest`);
+      a page whose version differs from the first page's means the list changed mid-read (this also
+      catches removals, which leave no other trace);
+    - `identity`: a row's key (id, account number); a key seen twice is a shifted page (or a broken
+      payload) and is never returned.
+
+    After `max_reads` reads that each saw the list change: `UpstreamError` (a version changed) or
+    `BadResponse` (the same key twice with a stable version). Nothing partial is returned."""
+    problem = ""
+    for _ in range(max_reads):
+        items: list[Any] = []
+        seen: set[Any] = set()
+        first_version: Any = None
+        offset, problem = 0, ""
+        while True:
+            body = await fetch_page({**(params or {}), offset_param: offset, size_param: page_size})
+            page = _items(body, items_key, where)
+            version = body.get(version_key) if version_key and isinstance(body, dict) else None
+            if version is not None:
+                if first_version is None:
+                    first_version = version
+                elif version != first_version:
+                    problem = "changed"
+                    break
+            for item in page:
+                key = identity(item)
+                if key in seen:
+                    problem = problem or f"duplicate:{key}"
+                seen.add(key)
+            items.extend(page)
+            if problem or len(page) < page_size:
+                break
+            offset += len(page)
+        if not problem:
+            return items
+        log.info("%s: the list changed while it was paged (%s); reading it again", where, problem)
+    if problem == "changed":
+        raise UpstreamError(
+            f"{where}: the list changed while it was being paged, {max_reads} reads in a row; nothing was stored",
+            erp=erp, tenant=tenant, fix=LIST_CHANGED_FIX,
+        )
+    raise BadResponse(
+        f"{where}: the response lists {problem.partition(':')[2]} more than once, {max_reads} reads in a row; "
+        "nothing was stored",
+        erp=erp, tenant=tenant, fix=LIST_CHANGED_FIX,
+    )
+
+
+async def gather_all(*awaitables: Awaitable[Any]) -> list[Any]:
+    """Like `asyncio.gather`, but the first failure cancels the others (and waits for them) before
+    it is raised: a failed tenant leaves no requests running behind it."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        pending = [t for t in tasks if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+    # retrieve every failure (so none is reported as "never retrieved"); raise the first
+    failures = [task.exception() for task in tasks if not task.cancelled() and task.exception() is not None]
+    if failures:
+        raise failures[0]
+    return [task.result() for task in tasks]
 
 
 def _items(body: Any, key: str, where: str) -> list[Any]:

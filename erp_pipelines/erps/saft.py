@@ -1,7 +1,7 @@
 """SAF-T Financial (Norway, 1.20 and 1.30) as an ERP: files dropped in a folder, one tenant per company.
 
 Plain Python, no Dagster. Entry points:
-- `import_file(path)`: refuse or import one file → `SaftImport` (chart, monthly balances, reconciliation issues);
+- `import_file(path)`: refuse or import one file → `SaftImport` (chart, monthly balances, reconciliation);
 - `read_header(path)` / `validate_file(path)`: the cheap and the checking halves of it;
 - `SaftConnector(drop_dir)`: the `Connector` over a drop folder.
 
@@ -12,8 +12,10 @@ is truncated or not well-formed, is not SAF-T Financial, fails its version's XSD
 see the modules of `erp_pipelines.saft`.
 
 Several files of one company (e.g. two fiscal years, or a re-export) form one tenant. Where their months
-overlap, the newer file wins: later `AuditFileDateCreated`, then later modification time. Seams between
-files inside one calendar year are checked (closing of the month before = opening of the next month).
+overlap, the newer file wins: later `AuditFileDateCreated`, then later modification time (an overlap whose
+closing balances differ is reported as `file_overlap`). Where consecutive months come from different
+files the seam is checked (`file_seam`: closing of one month = opening of the next; across a year end
+only for assets and liabilities), and months no file covers are reported (`coverage_gap`).
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ import asyncio
 import dataclasses
 import datetime as dt
 import hashlib
+import itertools
 import logging
 from collections.abc import Iterable
 from decimal import Decimal
 from pathlib import Path
 
-from erp_pipelines.errors import InvalidTenantId, TenantMismatch
 from erp_pipelines.erps.base import Connector, RateLimit, Setting
+from erp_pipelines.errors import ConfigError, InvalidTenantId, TenantMismatch
 from erp_pipelines.model import Account, Balance, Client, add_months, month_start
 from erp_pipelines.saft.balances import build_import
 from erp_pipelines.saft.parser import parse_file, read_header
@@ -41,7 +44,12 @@ from erp_pipelines.saft.records import (
     SaftImport,
 )
 from erp_pipelines.saft.safety import xml_size
-from erp_pipelines.saft.schemas import XMLSCHEMA_MAX_BYTES, declared_version, libxml2_schema_for, xmlschema_errors
+from erp_pipelines.saft.schemas import (
+    XMLSCHEMA_MAX_BYTES,
+    declared_version,
+    libxml2_schema_for,
+    xmlschema_errors,
+)
 
 __all__ = [
     "FileFingerprint",
@@ -163,7 +171,11 @@ class SaftFileInfo:
     def company_key(self) -> str | None:
         if self.header is None:
             return None
-        return self.header.org_number or self.header.registration_number or f"(no organisation number) {self.path.name}"
+        return (
+            self.header.org_number
+            or self.header.registration_number
+            or f"(no organisation number) {self.path.name}"
+        )
 
     @property
     def precedence(self) -> tuple[dt.date, int]:
@@ -197,12 +209,18 @@ class SaftConnector(Connector):
         ),
     )
     rate_limit = RateLimit(None, 1, "files")
+    scheduled_refresh = False  # files change only when dropped: the sensor (fingerprints) drives refreshes
+    full_sync_by_default = True  # a partition imports every month its files cover
+    default_history_start = "2000-01-01"
+    sensor_interval_seconds = 60
 
     def __init__(self, drop_dir: str | Path, *, validation: str = "auto", **config):
         super().__init__(drop_dir=str(drop_dir), **config)
         self.drop_dir = Path(drop_dir)
         self.validation = validation
         self.problems: dict[str, str] = {}  # file name → why it is refused or its client will be
+        # caches keyed by path, valid while (size, mtime_ns) hold
+        self._headers: dict[Path, tuple[tuple[int, int], SaftHeader | None, str | None]] = {}
         self._imports: dict[Path, tuple[tuple[int, int], SaftImport]] = {}
         self._hashes: dict[Path, tuple[tuple[int, int], str]] = {}
 
@@ -210,7 +228,11 @@ class SaftConnector(Connector):
 
     def files(self) -> list[Path]:
         if not self.drop_dir.is_dir():
-            raise SaftFileRejected(self.drop_dir, "the drop folder does not exist", fix="create it or correct SAFT_DROP_DIR")
+            raise ConfigError(
+                f"SAFT_DROP_DIR {str(self.drop_dir)!r} is not a folder",
+                erp=self.erp,
+                fix="create the folder or correct SAFT_DROP_DIR",
+            )
         return sorted(
             p
             for p in self.drop_dir.iterdir()
@@ -222,19 +244,26 @@ class SaftConnector(Connector):
         infos = []
         for path in self.files():
             stat = path.stat()
-            header, problem = None, None
-            try:
-                header = read_header(path)
-                problem = header.org_number_problem
-            except SaftFileRejected as exc:
-                problem = exc.detail
+            header, problem = self._header(path, (stat.st_size, stat.st_mtime_ns))
             if problem:
+                if self.problems.get(path.name) != problem:
+                    log.warning("SAF-T file %s: %s", path.name, problem)
                 self.problems[path.name] = problem
-                log.warning("SAF-T file %s: %s", path.name, problem)
             else:
                 self.problems.pop(path.name, None)
             infos.append(SaftFileInfo(path, stat.st_size, stat.st_mtime_ns, header, problem))
         return infos
+
+    def _header(self, path: Path, key: tuple[int, int]) -> tuple[SaftHeader | None, str | None]:
+        cached = self._headers.get(path)
+        if cached is None or cached[0] != key:
+            try:
+                header = read_header(path)
+                cached = (key, header, header.org_number_problem)
+            except SaftFileRejected as exc:
+                cached = (key, None, exc.detail)
+            self._headers[path] = cached
+        return cached[1], cached[2]
 
     async def scan(self) -> list[SaftFileInfo]:
         return await asyncio.to_thread(self.scan_files)
@@ -288,7 +317,9 @@ class SaftConnector(Connector):
     def import_company(self, client: Client) -> CompanyImport:
         infos = self.files_of(client)
         if not infos:
-            raise SaftFileRejected(self.drop_dir, f"no SAF-T file of {client.label} in the drop folder", company=client.label)
+            raise SaftFileRejected(
+                self.drop_dir, f"no SAF-T file of {client.label} in the drop folder", company=client.label
+            )
         return combine([self._import(info, client) for info in infos])
 
     async def fetch_accounts(self, client: Client) -> list[Account]:
@@ -303,6 +334,23 @@ class SaftConnector(Connector):
     async def reconciliation_issues(self, client: Client) -> list[ReconciliationIssue]:
         company = await asyncio.to_thread(self.import_company, client)
         return list(company.issues)
+
+    async def reconciliation_findings(self, client: Client) -> list[dict]:
+        return [issue.as_row() for issue in await self.reconciliation_issues(client)]
+
+    async def tenant_fingerprints(self) -> dict[str, str]:
+        """Per company: a hash over its files' content hashes (new, changed or removed files change it)."""
+        def compute() -> dict[str, str]:
+            by_company: dict[str, list[str]] = {}
+            for info in self.scan_files():
+                if info.company_key is not None:
+                    by_company.setdefault(info.company_key, []).append(self.fingerprint(info.path).cursor)
+            return {
+                key: hashlib.sha256("\n".join(sorted(parts)).encode()).hexdigest()[:16]
+                for key, parts in by_company.items()
+            }
+
+        return await asyncio.to_thread(compute)
 
     # -- change detection
 
@@ -337,6 +385,7 @@ def combine(imports: Iterable[SaftImport]) -> CompanyImport:
     issues = [issue for result in files for issue in result.issues]
     issues += _overlap_issues(files, winner)
     issues += _seam_issues(winner)
+    issues += _gap_issues(winner)
     balances = [b for result in files for b in result.balances if winner.get(b.period) is result]
     balances.sort(key=lambda b: (b.account_number, b.period))
     accounts: dict[str, Account] = {}
@@ -355,23 +404,38 @@ def combine(imports: Iterable[SaftImport]) -> CompanyImport:
 def _issue(result: SaftImport, check: str, message: str, **fields) -> ReconciliationIssue:
     header = result.header
     values = {"account_number": None, "period": None, "expected": None, "actual": None, **fields}
-    return ReconciliationIssue(header.org_number or header.registration_number, header.source_file.name, check, message=message, **values)
+    return ReconciliationIssue(
+        header.org_number or header.registration_number,
+        header.source_file.name,
+        check,
+        message=message,
+        **values,
+    )
 
 
-def _overlap_issues(files: tuple[SaftImport, ...], winner: dict[dt.date, SaftImport]) -> list[ReconciliationIssue]:
+def _overlap_issues(
+    files: tuple[SaftImport, ...], winner: dict[dt.date, SaftImport]
+) -> list[ReconciliationIssue]:
     issues = []
     for older in files:
         lost = [m for m in older.months if winner[m] is not older]
         for newer in {id(winner[m]): winner[m] for m in lost}.values():
             months = [m for m in lost if winner[m] is newer]
             theirs = {(b.account_number, b.period): b.closing for b in newer.balances if b.period in months}
-            differ = sum(1 for b in older.balances if b.period in months and theirs.get((b.account_number, b.period)) != b.closing)
+            differ = sum(
+                1
+                for b in older.balances
+                if b.period in months and theirs.get((b.account_number, b.period)) != b.closing
+            )
+            if not differ:  # the newer file agrees: a re-export, nothing to report
+                continue
             issues.append(
                 _issue(
                     older,
                     "file_overlap",
-                    f"{months[0]:%Y-%m}..{months[-1]:%Y-%m} of {older.header.source_file.name} are superseded by the "
-                    f"newer {newer.header.source_file.name}; {differ} account-month closing balances differ between them.",
+                    f"{months[0]:%Y-%m}..{months[-1]:%Y-%m} of {older.header.source_file.name} are "
+                    f"superseded by the newer {newer.header.source_file.name}; {differ} account-month "
+                    "closing balances differ between them.",
                     period=months[0],
                     actual=Decimal(differ),
                 )
@@ -379,30 +443,74 @@ def _overlap_issues(files: tuple[SaftImport, ...], winner: dict[dt.date, SaftImp
     return issues
 
 
+BALANCE_SHEET_CATEGORIES = {  # næringsspesifikasjon categories of assets and liabilities (not equity)
+    "balanseverdiForAnleggsmiddel",
+    "balanseverdiForOmloepsmiddel",
+    "langsiktigGjeld",
+    "kortsiktigGjeld",
+}
+
+
+def carries_over_year_end(account: SaftAccount) -> bool:
+    """An asset or liability by the file's own mapping: its balance must carry into the next year
+    unchanged. Profit and loss resets and equity takes the result, so those are not compared."""
+    if account.standard_account_id:
+        return account.standard_account_id[:1] in ("1", "2") and not account.standard_account_id.startswith(
+            "20"
+        )
+    return account.grouping_category in BALANCE_SHEET_CATEGORIES
+
+
 def _seam_issues(winner: dict[dt.date, SaftImport]) -> list[ReconciliationIssue]:
-    """Where consecutive months of one calendar year come from different files, the closing of the first
-    must be the opening of the second (a new year legitimately resets profit and loss)."""
+    """Where consecutive months come from different files, the closing of the first must be the opening
+    of the second: every account within a year; across a year end only assets and liabilities
+    (`carries_over_year_end`), since profit and loss restarts and the result moves into equity."""
     issues = []
     for month in sorted(winner):
         before = add_months(month, -1)
         previous, current = winner.get(before), winner[month]
-        if previous is None or previous is current or before.year != month.year:
+        if previous is None or previous is current:
             continue
         closing = {b.account_number: b.closing for b in previous.balances if b.period == before}
         opening = {b.account_number: b.opening for b in current.balances if b.period == month}
-        for account in sorted(closing.keys() | opening.keys()):
+        compared = sorted(closing.keys() | opening.keys())
+        if before.year != month.year:
+            mapped = {a.account_id: a for result in (previous, current) for a in result.accounts}
+            compared = [n for n in compared if n in mapped and carries_over_year_end(mapped[n])]
+        for account in compared:
             was, now = closing.get(account, Decimal("0.00")), opening.get(account, Decimal("0.00"))
             if was != now:
                 issues.append(
                     _issue(
                         current,
                         "file_seam",
-                        f"Account {account} closes {before:%Y-%m} at {was:.2f} in {previous.header.source_file.name} "
-                        f"but opens {month:%Y-%m} at {now:.2f} in {current.header.source_file.name}.",
+                        f"Account {account} closes {before:%Y-%m} at {was:.2f} in "
+                        f"{previous.header.source_file.name} but opens {month:%Y-%m} at {now:.2f} in "
+                        f"{current.header.source_file.name}.",
                         account_number=account,
                         period=month,
                         expected=was,
                         actual=now,
                     )
                 )
+    return issues
+
+
+def _gap_issues(winner: dict[dt.date, SaftImport]) -> list[ReconciliationIssue]:
+    """Months between the first and the last covered month that no file covers."""
+    issues = []
+    covered = sorted(winner)
+    for before, after in itertools.pairwise(covered):
+        if add_months(before, 1) != after:
+            first, last = add_months(before, 1), add_months(after, -1)
+            issues.append(
+                _issue(
+                    winner[after],
+                    "coverage_gap",
+                    f"No file covers {first:%Y-%m}..{last:%Y-%m} (between "
+                    f"{winner[before].header.source_file.name} and {winner[after].header.source_file.name}): "
+                    "no balances for those months.",
+                    period=first,
+                )
+            )
     return issues

@@ -14,10 +14,18 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
-from erp_pipelines.erps.base import Connector, RateLimit, Setting
-from erp_pipelines.erps.http import ApiClient, RateLimiter, RateLimitHeaders, RetryPolicy, collect, offset_pages
+from erp_pipelines.erps.base import PUBLISHED_RATE_LIMITS, Connector, Setting
+from erp_pipelines.erps.http import (
+    ApiClient,
+    RateLimiter,
+    RateLimitHeaders,
+    RetryPolicy,
+    consistent_offset_list,
+    gather_all,
+)
 from erp_pipelines.errors import AuthError, BadResponse, ClientAccessError, ErpError, TenantMismatch, UpstreamError
 from erp_pipelines.model import Account, Balance, Client, add_months, kroner, normalise_tenant_id
+from erp_pipelines.tokens import TokenStore, credential_key
 
 OSLO = ZoneInfo("Europe/Oslo")
 PAGE_SIZE = 1000  # the documented default; larger counts are rejected above 10000 (NOTES §4)
@@ -56,9 +64,8 @@ class TripletexConnector(Connector):
             description="a company's employee token, or the accounting firm's key (Regnskapskontorets brukernøkkel)",
         ),
     )
-    rate_limit = RateLimit(
-        requests_per_second=None, max_in_flight=16, source="X-Rate-Limit-* headers; the numbers are not published"
-    )
+    rate_limit = PUBLISHED_RATE_LIMITS["tripletex"]  # follow the X-Rate-Limit-* headers
+    uses_token_store = True  # session tokens are cached between runs (keyed by a hash of the credential)
 
     def __init__(
         self,
@@ -72,18 +79,25 @@ class TripletexConnector(Connector):
         session_days: int = 2,
         today: dt.date | None = None,
         timeout: float = 60.0,
+        page_size: int | None = None,
+        token_store: TokenStore | None = None,
     ) -> None:
         super().__init__(base_url=base_url)
         self._consumer_token = consumer_token
         self._employee_token = employee_token
         self._session_days = session_days
         self._today = today
+        self._page_size = page_size
         self._session: tuple[str, dt.date] | None = None  # (token, expiration date)
         self._session_lock = asyncio.Lock()
+        self._token_store = token_store
+        # the store's entry name: a hash of where and with what we log in, never the tokens themselves
+        self._store_entry = credential_key("tripletex-session", base_url.rstrip("/"), consumer_token, employee_token)
+        self.sessions_minted = 0
         self.api = ApiClient(
             erp=self.erp,
             base_url=base_url,
-            limiter=limiter or RateLimiter(None, self.rate_limit.max_in_flight),
+            limiter=limiter or RateLimiter.for_rate_limit(self.rate_limit),
             rate_limit_headers=RATE_LIMIT_HEADERS,
             map_error=_map_error,
             retry=retry,
@@ -102,12 +116,23 @@ class TripletexConnector(Connector):
     def _oslo_today(self) -> dt.date:
         return self._today or dt.datetime.now(OSLO).date()
 
+    def _fresh(self, session: tuple[str, dt.date] | None, stale: str | None) -> bool:
+        return bool(session) and session[0] != stale and self._oslo_today() < session[1] - dt.timedelta(1)
+
     async def _session_token(self, stale: str | None = None) -> str:
         """A live session token. Sessions die at midnight (CET) starting their expiration date, so
-        re-mint on the day before it; `stale` forces a new one when that token got a 401."""
+        re-mint on the day before it; `stale` forces a new one when that token got a 401.
+
+        With a token store, a session minted by an earlier run (or a concurrent one) is reused, and
+        a newly minted one is stored for the next run."""
         async with self._session_lock:
-            if self._session and self._session[0] != stale and self._oslo_today() < self._session[1] - dt.timedelta(1):
+            if self._fresh(self._session, stale):
                 return self._session[0]
+            if self._token_store is not None:
+                cached = await asyncio.to_thread(self._cached_session)
+                if self._fresh(cached, stale):
+                    self._session = cached
+                    return cached[0]
             expires = self._oslo_today() + dt.timedelta(days=self._session_days)
             body = await self.api.send_json(
                 "POST",
@@ -122,18 +147,36 @@ class TripletexConnector(Connector):
             if not isinstance(token, str) or not token:
                 raise BadResponse("session token response has no value.token", erp=self.erp)
             self._session = (token, expires)
+            self.sessions_minted += 1
+            if self._token_store is not None:
+                await asyncio.to_thread(
+                    self._token_store.put, self._store_entry, {"token": token, "expires": expires.isoformat()}
+                )
             return token
 
+    def _cached_session(self) -> tuple[str, dt.date] | None:
+        entry = self._token_store.get(self._store_entry) if self._token_store is not None else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("token"), str):
+            return None
+        try:
+            return entry["token"], dt.date.fromisoformat(str(entry.get("expires")))
+        except ValueError:
+            return None
+
     async def _get(self, path: str, params: dict[str, Any], *, username: str, tenant: str | None) -> Any:
-        """GET as `username`, re-minting the session once on a 401."""
+        """GET as `username`, re-minting the session once on a 401. The retry continues the
+        request's attempt budget (at least one attempt is left for it), so a session that expires
+        mid-run never doubles the retries a request may take."""
         token = await self._session_token()
         try:
             return await self.api.get_json(path, params=params, auth=httpx.BasicAuth(username, token), tenant=tenant)
-        except _Unauthorized:
+        except _Unauthorized as exc:
             fresh = await self._session_token(stale=token)
+            next_attempt = min(getattr(exc, "attempts", 0) + 1, self.api.retry.max_attempts)
             try:
                 return await self.api.get_json(
-                    path, params=params, auth=httpx.BasicAuth(username, fresh), tenant=tenant
+                    path, params=params, auth=httpx.BasicAuth(username, fresh), tenant=tenant,
+                    first_attempt=next_attempt,
                 )
             except _Unauthorized:
                 if username == OWN_COMPANY:
@@ -143,13 +186,25 @@ class TripletexConnector(Connector):
                     fix=KLIENTTILGANG_FIX,
                 ) from None
 
-    async def _get_all(self, path: str, params: dict[str, Any], *, username: str, tenant: str | None) -> list[Any]:
+    async def _get_all(
+        self, path: str, params: dict[str, Any], *, username: str, tenant: str | None, identity: Any
+    ) -> list[Any]:
+        """Every row of a paged list, as one consistent snapshot: a list that changes while it is
+        paged (`versionDigest` differs between pages, or a row repeats) is read again from the start,
+        so a shifted page can neither duplicate nor skip a row (see `consistent_offset_list`)."""
+
         async def fetch_page(query: dict[str, Any]) -> Any:
             return await self._get(path, query, username=username, tenant=tenant)
 
+        def key(row: Any) -> Any:
+            return identity(row) if isinstance(row, dict) else None
+
         try:
-            return await collect(offset_pages(fetch_page, params, page_size=PAGE_SIZE, where=f"GET {path}"))
-        except BadResponse as exc:
+            return await consistent_offset_list(
+                fetch_page, params, page_size=self._page_size or PAGE_SIZE, identity=key,
+                version_key="versionDigest", where=f"GET {path}", erp=self.erp, tenant=tenant,
+            )
+        except ErpError as exc:
             raise exc.for_tenant(tenant) if tenant else exc
 
     # ---------------------------------------------------------------------------- the contract
@@ -158,7 +213,8 @@ class TripletexConnector(Connector):
         """The clients an accountant key reaches; for a company's own key, that company alone."""
         me = await self._who_am_i(OWN_COMPANY, tenant=None)
         rows = await self._get_all(
-            "company/>withLoginAccess", {"fields": "id,name,organizationNumber,type"}, username=OWN_COMPANY, tenant=None
+            "company/>withLoginAccess", {"fields": "id,name,organizationNumber,type"}, username=OWN_COMPANY, tenant=None,
+            identity=lambda row: row.get("id"),
         )
         if not rows:
             company = me.get("company") or {}
@@ -190,6 +246,7 @@ class TripletexConnector(Connector):
             {"fields": "number,name,type,saftCode,groupingCode,isInactive"},
             username=client.erp_client_id,
             tenant=client.label,
+            identity=lambda row: row.get("number"),
         )
         accounts = []
         for row in rows:
@@ -205,10 +262,9 @@ class TripletexConnector(Connector):
         return accounts
 
     async def fetch_balances(self, client: Client, months: list[dt.date]) -> list[Balance]:
-        """One `/balanceSheet` call per month (`dateTo` is exclusive). Accounts whose opening,
-        movement and closing are all zero are left out."""
+        """One `/balanceSheet` call per month (`dateTo` is exclusive)."""
         await self.verify_tenant(client)
-        per_month = await asyncio.gather(*(self._month_balances(client, month) for month in months))
+        per_month = await gather_all(*(self._month_balances(client, month) for month in months))
         return [balance for month in per_month for balance in month]
 
     async def _month_balances(self, client: Client, month: dt.date) -> list[Balance]:
@@ -222,6 +278,7 @@ class TripletexConnector(Connector):
             },
             username=client.erp_client_id,
             tenant=client.label,
+            identity=_balance_account_number,
         )
         balances = []
         for row in rows:
@@ -237,16 +294,21 @@ class TripletexConnector(Connector):
                     erp=self.erp,
                     tenant=client.label,
                 )
-            if opening or movement or closing:
-                balances.append(Balance(month, str(account["number"]), opening, movement, closing))
+            balances.append(Balance(month, str(account["number"]), opening, movement, closing))
         return balances
 
     # ---------------------------------------------------------------------------- tenant guard
 
     async def verify_tenant(self, client: Client) -> None:
-        """Refuse to read a tenant unless Tripletex says the session acts for that very company."""
+        """Refuse a tenant unless Tripletex says the session acts for that very company (id and
+        organisation number). Called before reading (`fetch_accounts`, `fetch_balances`) and, by
+        `extract_tenant`, once more after the last read: Tripletex's ledger rows do not name their
+        company, so an identity that changed while the data was read (a misrouted session) is only
+        visible to a second whoAmI, and the data read in between is then refused too."""
         me = await self._who_am_i(client.erp_client_id, tenant=client.label)
-        company = me.get("company") or {}
+        _require(me, ("companyId", "company"), "token/session/>whoAmI", client.label)
+        company = me["company"]
+        _require(company, ("id", "organizationNumber"), "token/session/>whoAmI company", client.label)
         reported_id = str(me.get("companyId", company.get("id", "")))
         try:
             reported_org = normalise_tenant_id(str(company.get("organizationNumber") or ""))
@@ -309,6 +371,11 @@ def _map_error(response: httpx.Response, body: Any) -> ErpError | None:
     if status == 429:
         return None
     return UpstreamError(detail, erp="tripletex")
+
+
+def _balance_account_number(row: dict[str, Any]) -> Any:
+    account = row.get("account")
+    return account.get("number") if isinstance(account, dict) else None
 
 
 def _require(row: Any, keys: tuple[str, ...], where: str, tenant: str | None) -> None:

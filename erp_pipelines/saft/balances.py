@@ -19,7 +19,8 @@ Checks (each mismatch is a ReconciliationIssue; nothing is dropped or corrected)
 closing_balance (computed closing after the last month vs the declared closing), total_debit, total_credit,
 number_of_entries, unbalanced_period (a month's movements do not sum to zero), opening_trial_balance (the
 chart's opening balances do not sum to zero), unknown_account (lines on an account missing from the chart),
-period_mapping, period_outside_selection, no_period.
+duplicate_account, period_mapping, period_outside_selection, no_period. Not checked: TransactionID
+uniqueness (it would cost memory per transaction; the XSD's key on it is inert under XSD 1.0).
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ class _Issues:
 
     def add(self, check: str, message: str, *, account=None, period=None, expected=None, actual=None) -> None:
         self.found.append(
-            ReconciliationIssue(self.org_number, self.source_file, check, account, period, expected, actual, message)
+            ReconciliationIssue(
+                self.org_number, self.source_file, check, account, period, expected, actual, message
+            )
         )
 
 
@@ -144,7 +147,9 @@ def _month_range(parsed: ParsedFile, movements, issues: _Issues) -> list[dt.date
     elif used:
         bounds = used
     else:
-        issues.add("no_period", "The file has neither a selection period nor transactions: no monthly balances.")
+        issues.add(
+            "no_period", "The file has neither a selection period nor transactions: no monthly balances."
+        )
         return []
     return months_between(min(bounds), max(bounds))
 
@@ -154,20 +159,32 @@ def _month_range(parsed: ParsedFile, movements, issues: _Issues) -> list[dt.date
 
 def _accounts_with_unknown(parsed: ParsedFile, movements, issues: _Issues) -> list[SaftAccount]:
     accounts = list(parsed.accounts.values())
+    for duplicate in parsed.duplicate_accounts:
+        issues.add(
+            "duplicate_account",
+            f"Account {duplicate.account_id} appears more than once in the chart; the first one is used "
+            f"(ignored: {duplicate.description!r}, opening {duplicate.opening:.2f}, closing {duplicate.closing:.2f}).",
+            account=duplicate.account_id,
+        )
     seen = {account for (account, _) in movements}
     for account_id in sorted(seen - parsed.accounts.keys()):
         total = sum((v for (a, _), v in movements.items() if a == account_id), ZERO)
         issues.add(
             "unknown_account",
-            f"Lines post to account {account_id}, which is not in the chart of accounts; its balances start at 0.",
+            f"Lines post to account {account_id}, which is not in the chart of accounts; "
+            "its balances start at 0.",
             account=account_id,
             actual=total.quantize(CENT),
         )
-        accounts.append(SaftAccount(account_id, "(not in the chart of accounts)", "", None, None, None, ZERO, ZERO))
+        accounts.append(
+            SaftAccount(account_id, "(not in the chart of accounts)", "", None, None, None, ZERO, ZERO)
+        )
     return accounts
 
 
-def _balances(parsed, accounts: list[SaftAccount], movements, months: list[dt.date], issues: _Issues) -> list[Balance]:
+def _balances(
+    parsed, accounts: list[SaftAccount], movements, months: list[dt.date], issues: _Issues
+) -> list[Balance]:
     currency = parsed.header.currency or "NOK"
     rows: list[Balance] = []
     for account in accounts:
@@ -175,15 +192,25 @@ def _balances(parsed, accounts: list[SaftAccount], movements, months: list[dt.da
         for month in months:
             movement = movements.get((account.account_id, month), ZERO)
             closing = balance + movement
-            rows.append(Balance(month, account.account_id, balance.quantize(CENT), movement.quantize(CENT), closing.quantize(CENT), currency))
+            rows.append(
+                Balance(
+                    month,
+                    account.account_id,
+                    balance.quantize(CENT),
+                    movement.quantize(CENT),
+                    closing.quantize(CENT),
+                    currency,
+                )
+            )
             balance = closing
         known = account.account_id in parsed.accounts
         if months and known and balance != account.closing:
             issues.add(
                 "closing_balance",
-                f"Account {account.account_id} {account.description}: the file declares a closing balance of "
-                f"{account.closing:.2f}, but opening {account.opening:.2f} + lines {balance - account.opening:.2f} "
-                f"= {balance:.2f} (difference {balance - account.closing:.2f}).",
+                f"Account {account.account_id} {account.description}: the file declares a closing balance "
+                f"of {account.closing:.2f}, but opening {account.opening:.2f} + lines "
+                f"{balance - account.opening:.2f} = {balance:.2f} "
+                f"(difference {balance - account.closing:.2f}).",
                 account=account.account_id,
                 period=months[-1],
                 expected=account.closing.quantize(CENT),
@@ -199,9 +226,27 @@ def _check_totals(parsed: ParsedFile, issues: _Issues) -> None:
     if not parsed.has_entries:
         return
     checks = (
-        ("total_debit", "TotalDebit", parsed.declared_debit, parsed.line_debit, "the lines' debits add up to"),
-        ("total_credit", "TotalCredit", parsed.declared_credit, parsed.line_credit, "the lines' credits add up to"),
-        ("number_of_entries", "NumberOfEntries", parsed.declared_entries, parsed.transactions, "the file holds"),
+        (
+            "total_debit",
+            "TotalDebit",
+            parsed.declared_debit,
+            parsed.line_debit,
+            "the lines' debits add up to",
+        ),
+        (
+            "total_credit",
+            "TotalCredit",
+            parsed.declared_credit,
+            parsed.line_credit,
+            "the lines' credits add up to",
+        ),
+        (
+            "number_of_entries",
+            "NumberOfEntries",
+            parsed.declared_entries,
+            parsed.transactions,
+            "the file holds",
+        ),
     )
     for check, element, declared, actual, what in checks:
         if declared != actual:
@@ -219,8 +264,8 @@ def _check_trial_balances(parsed: ParsedFile, movements, months: list[dt.date], 
     if parsed.accounts and opening != 0:
         issues.add(
             "opening_trial_balance",
-            f"The chart's opening balances sum to {opening:.2f} instead of 0: the opening balance sheet does not "
-            "balance (accounts missing from the chart, or wrong balances).",
+            f"The chart's opening balances sum to {opening:.2f} instead of 0: the opening balance sheet "
+            "does not balance (accounts missing from the chart, or wrong balances).",
             period=months[0] if months else None,
             expected=ZERO.quantize(CENT),
             actual=opening.quantize(CENT),

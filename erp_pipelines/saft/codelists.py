@@ -23,7 +23,9 @@ def standard_accounts() -> dict[str, str]:
     ):
         with open(DATA_DIR / name, encoding=encoding, newline="") as handle:
             for row in csv.DictReader(handle, delimiter=";"):
-                codes[row["AccountID"].strip()] = (row.get("DescriptionNOB") or row.get("DescriptionNOR") or "").strip()
+                codes[row["AccountID"].strip()] = (
+                    row.get("DescriptionNOB") or row.get("DescriptionNOR") or ""
+                ).strip()
     return codes
 
 

@@ -28,13 +28,32 @@ def q(name: str) -> str:
     return f"{{{NAMESPACE}}}{name}"
 
 
-AUDIT_FILE, HEADER, MASTER_FILES, GL_ACCOUNTS, ACCOUNT = q("AuditFile"), q("Header"), q("MasterFiles"), q("GeneralLedgerAccounts"), q("Account")
-GL_ENTRIES, JOURNAL, TRANSACTION, LINE = q("GeneralLedgerEntries"), q("Journal"), q("Transaction"), q("Line")
-TRANSACTION_ID, PERIOD, PERIOD_YEAR, TRANSACTION_DATE = q("TransactionID"), q("Period"), q("PeriodYear"), q("TransactionDate")
-ACCOUNT_ID, DEBIT_AMOUNT, CREDIT_AMOUNT, AMOUNT = q("AccountID"), q("DebitAmount"), q("CreditAmount"), q("Amount")
-NUMBER_OF_ENTRIES, TOTAL_DEBIT, TOTAL_CREDIT = q("NumberOfEntries"), q("TotalDebit"), q("TotalCredit")
-# big repeated elements outside what we read, dropped as they end so memory stays flat
-DROPPED = tuple(q(n) for n in ("Customer", "Supplier", "Invoice", "Payment", "StockMovement", "AssetTransaction"))
+AUDIT_FILE = q("AuditFile")
+HEADER = q("Header")
+MASTER_FILES = q("MasterFiles")
+GL_ACCOUNTS = q("GeneralLedgerAccounts")
+ACCOUNT = q("Account")
+GL_ENTRIES = q("GeneralLedgerEntries")
+JOURNAL = q("Journal")
+TRANSACTION = q("Transaction")
+TRANSACTION_ID = q("TransactionID")
+PERIOD = q("Period")
+PERIOD_YEAR = q("PeriodYear")
+TRANSACTION_DATE = q("TransactionDate")
+LINE = q("Line")
+ACCOUNT_ID = q("AccountID")
+DEBIT_AMOUNT = q("DebitAmount")
+CREDIT_AMOUNT = q("CreditAmount")
+AMOUNT = q("Amount")
+TOTALS = (NUMBER_OF_ENTRIES, TOTAL_DEBIT, TOTAL_CREDIT) = (
+    q("NumberOfEntries"),
+    q("TotalDebit"),
+    q("TotalCredit"),
+)
+# big repeated elements outside what is read, dropped as they end so memory stays flat
+DROPPED = tuple(
+    q(n) for n in ("Customer", "Supplier", "Invoice", "Payment", "StockMovement", "AssetTransaction")
+)
 SCANNED = (ACCOUNT, q("Customer"), q("Supplier"), TRANSACTION)
 SECTIONS = (HEADER, MASTER_FILES, JOURNAL, q("SourceDocuments"))
 
@@ -46,6 +65,9 @@ class ParsedFile:
 
     header: SaftHeader
     accounts: dict[str, SaftAccount] = field(default_factory=dict)
+    duplicate_accounts: list[SaftAccount] = field(
+        default_factory=list
+    )  # later Accounts with a seen AccountID
     movements: dict[tuple[str, int, int, str], Decimal] = field(default_factory=dict)
     transactions: int = 0
     lines: int = 0
@@ -69,7 +91,7 @@ def read_header(path: str | Path) -> SaftHeader:
         try:
             header, version = _scan_header(path, iterparse(stream, events=("start", "end")))
         except etree.XMLSyntaxError as exc:
-            raise SaftFileRejected(path, f"not well-formed XML ({exc})") from None
+            raise SaftFileRejected(path, parser_refusal(str(exc))) from None
     return _header_record(path, header, version)
 
 
@@ -106,7 +128,10 @@ def _check_root(path: Path, root: etree._Element) -> None:
     if namespace == CASH_REGISTER_NAMESPACE:
         reason = "this is a SAF-T Cash Register file, not a SAF-T Financial file"
     elif local_name(root.tag) == "AuditFile":
-        reason = f"its elements are not in the SAF-T Financial namespace {NAMESPACE} (namespace: {namespace or 'none'})"
+        reason = (
+            f"its elements are not in the SAF-T Financial namespace {NAMESPACE} "
+            f"(they are in {namespace or 'no namespace'})"
+        )
     else:
         reason = f"not a SAF-T Financial file (root element {local_name(root.tag)!r})"
     raise SaftFileRejected(path, reason)
@@ -138,7 +163,9 @@ def _header_record(path: Path, header: etree._Element, version: str) -> SaftHead
     except ValueError as exc:
         org_number, problem = None, str(exc)
     first, last, selection = _selection(header)
-    software = " ".join(filter(None, (_text(header, n) for n in ("SoftwareCompanyName", "SoftwareID", "SoftwareVersion"))))
+    software = " ".join(
+        filter(None, (_text(header, n) for n in ("SoftwareCompanyName", "SoftwareID", "SoftwareVersion")))
+    )
     return SaftHeader(
         source_file=path,
         version=version,
@@ -159,13 +186,22 @@ def _header_record(path: Path, header: etree._Element, version: str) -> SaftHead
 def _selection(header: etree._Element) -> tuple[dt.date | None, dt.date | None, str]:
     """First and last month of `SelectionCriteria` (dates, or period numbers read as calendar months:
     period 0 counts as 1, 13+ as 12)."""
-    start, end = _date(_text(header, "SelectionCriteria/SelectionStartDate")), _date(_text(header, "SelectionCriteria/SelectionEndDate"))
+    start, end = (
+        _date(_text(header, "SelectionCriteria/SelectionStartDate")),
+        _date(_text(header, "SelectionCriteria/SelectionEndDate")),
+    )
     if start and end:
         return start.replace(day=1), end.replace(day=1), f"dates {start}..{end}"
-    numbers = [_integer(_text(header, f"SelectionCriteria/{n}")) for n in ("PeriodStart", "PeriodStartYear", "PeriodEnd", "PeriodEndYear")]
+    numbers = [
+        _integer(_text(header, f"SelectionCriteria/{n}"))
+        for n in ("PeriodStart", "PeriodStartYear", "PeriodEnd", "PeriodEndYear")
+    ]
     if all(n is not None for n in numbers):
         first_period, first_year, last_period, last_year = numbers
-        months = [dt.date(year, min(max(period, 1), 12), 1) for period, year in ((first_period, first_year), (last_period, last_year))]
+        months = [
+            dt.date(year, min(max(period, 1), 12), 1)
+            for period, year in ((first_period, first_year), (last_period, last_year))
+        ]
         return months[0], months[1], f"periods {first_period}/{first_year}-{last_period}/{last_year}"
     return None, None, "none"
 
@@ -179,12 +215,19 @@ def parse_file(path: str | Path, header: SaftHeader, *, schema: etree.XMLSchema 
     path = Path(path)
     result = ParsedFile(header)
     with open_xml(path) as stream:
-        events = iterparse(stream, tag=(ACCOUNT, TRANSACTION, NUMBER_OF_ENTRIES, TOTAL_DEBIT, TOTAL_CREDIT, GL_ENTRIES, *SECTIONS, *DROPPED), schema=schema)
+        events = iterparse(
+            stream, tag=(ACCOUNT, TRANSACTION, *TOTALS, GL_ENTRIES, *SECTIONS, *DROPPED), schema=schema
+        )
         try:
             for _, element in events:
                 _consume(path, element, result)
         except etree.XMLSyntaxError as exc:
-            raise _syntax_rejection(path, exc, result, schema is not None) from None
+            raise _syntax_rejection(path, exc.error_log, result, schema is not None) from None
+        except SaftFileRejected:
+            # libxml2 reports validation errors a read-chunk late: prefer them to what our reader tripped on
+            if schema is not None and _schema_errors(events.error_log):
+                raise _syntax_rejection(path, events.error_log, result, True) from None
+            raise
     return result
 
 
@@ -195,8 +238,11 @@ def _consume(path: Path, element: etree._Element, result: ParsedFile) -> None:
     elif tag == ACCOUNT:
         if element.getparent().tag == GL_ACCOUNTS:
             account = _account(path, element)
-            result.accounts[account.account_id] = account
-    elif tag in (NUMBER_OF_ENTRIES, TOTAL_DEBIT, TOTAL_CREDIT):
+            if account.account_id in result.accounts:  # the XSD's key is inert (see schemas.py)
+                result.duplicate_accounts.append(account)
+            else:
+                result.accounts[account.account_id] = account
+    elif tag in TOTALS:
         if element.getparent().tag == GL_ENTRIES:
             _declared_total(path, element, result)
         return  # read before their parent ends: dropped with it
@@ -218,9 +264,12 @@ def _drop(element: etree._Element) -> None:
 
 def _decimal(path: Path, text: str | None, where: str) -> Decimal:
     try:
-        return Decimal(text.strip()) if text is not None else Decimal("x")
+        value = Decimal(text) if text is not None else None
     except InvalidOperation:
-        raise SaftFileRejected(path, f"{where}: {text!r} is not an amount") from None
+        value = None
+    if value is None or not value.is_finite():
+        raise SaftFileRejected(path, f"{where}: {text!r} is not an amount")
+    return value
 
 
 def _account(path: Path, element: etree._Element) -> SaftAccount:
@@ -233,9 +282,13 @@ def _account(path: Path, element: etree._Element) -> SaftAccount:
     def signed(prefix: str) -> Decimal:
         debit, credit = text(f"{prefix}DebitBalance"), text(f"{prefix}CreditBalance")
         if debit is None and credit is None:
-            raise SaftFileRejected(path, f"Account {account_id}: neither {prefix}DebitBalance nor {prefix}CreditBalance")
+            raise SaftFileRejected(
+                path, f"Account {account_id}: neither {prefix}DebitBalance nor {prefix}CreditBalance"
+            )
         where = f"Account {account_id} {prefix} balance"
-        return (_decimal(path, debit, where) if debit is not None else ZERO) - (_decimal(path, credit, where) if credit is not None else ZERO)
+        return (_decimal(path, debit, where) if debit is not None else ZERO) - (
+            _decimal(path, credit, where) if credit is not None else ZERO
+        )
 
     return SaftAccount(
         account_id=account_id,
@@ -270,7 +323,10 @@ def _add_transaction(path: Path, transaction: etree._Element, result: ParsedFile
         tag = child.tag
         if tag == LINE:
             if year is None or period is None:
-                raise SaftFileRejected(path, f"Transaction {result.last_transaction_id}: Line before Period/PeriodYear")
+                raise SaftFileRejected(
+                    path,
+                    f"Transaction {result.last_transaction_id}: no numeric Period/PeriodYear before a Line",
+                )
             account, debit, value = _line(path, child, result)
             key = (account, year, period, month)
             if debit:
@@ -301,25 +357,42 @@ def _line(path: Path, line: etree._Element, result: ParsedFile) -> tuple[str, bo
             debit = tag == DEBIT_AMOUNT
             value = _decimal(path, child.findtext(AMOUNT), f"Transaction {result.last_transaction_id} amount")
     if not account or value is None:
-        raise SaftFileRejected(path, f"Transaction {result.last_transaction_id}: a Line without AccountID or amount")
+        raise SaftFileRejected(
+            path, f"Transaction {result.last_transaction_id}: a Line without AccountID or amount"
+        )
     return account, debit, value
 
 
-def _syntax_rejection(path: Path, exc: etree.XMLSyntaxError, result: ParsedFile, validating: bool) -> SaftFileRejected:
-    entries = [entry for entry in exc.error_log if entry.message] or []
-    schema_errors = [e for e in entries if e.domain_name == "SCHEMASV"]
-    where = (
-        f"after Transaction #{result.transactions} (TransactionID {result.last_transaction_id})"
+def _schema_errors(error_log) -> list:
+    return [entry for entry in error_log if entry.domain_name == "SCHEMASV"]
+
+
+def _syntax_rejection(path: Path, error_log, result: ParsedFile, validating: bool) -> SaftFileRejected:
+    reached = (
+        f"Transaction #{result.transactions} (TransactionID {result.last_transaction_id})"
         if result.transactions
-        else "in Header/MasterFiles"
+        else "Header/MasterFiles"
     )
-    if validating and schema_errors:
-        lines = [f"{where}: {e.message}" for e in schema_errors[:5]]
+    schema_errors = _schema_errors(error_log)
+    if validating and schema_errors:  # libxml2 streams without line numbers, and reports a read-chunk late
         return SaftFileRejected(
             path,
-            f"does not validate against the SAF-T Financial {result.header.version} XSD (libxml2, streamed)",
+            f"does not validate against the SAF-T Financial {result.header.version} XSD (libxml2, streamed; "
+            f"reading had reached {reached}); first errors:",
             company=result.header.company_label,
-            errors=lines,
+            errors=[entry.message for entry in schema_errors[:5]],
         )
-    lines = [f"line {e.line}: {e.message}" for e in entries[:5]] or [str(exc)]
-    return SaftFileRejected(path, "not well-formed XML", company=result.header.company_label, errors=lines)
+    entries = [entry for entry in error_log if entry.message][:5]
+    return SaftFileRejected(
+        path,
+        parser_refusal(" ".join(entry.message for entry in entries)),
+        company=result.header.company_label,
+        errors=[f"line {entry.line}: {entry.message}" for entry in entries],
+    )
+
+
+def parser_refusal(message: str) -> str:
+    """The reason for a libxml2 parse failure, naming entity-expansion attacks as such."""
+    if "amplification" in message or "entity reference loop" in message:
+        return f"the XML parser refused an entity expansion (a billion-laughs style DTD): {message}"
+    return f"not well-formed XML ({message})"

@@ -16,7 +16,9 @@ VERSION_1_20 = "1.20"
 VERSION_1_30 = "1.30"
 VERSIONS = (VERSION_1_20, VERSION_1_30)
 
-REEXPORT = "re-export the SAF-T Financial file from the ERP (complete, version 1.20 or 1.30) and drop it in again"
+REEXPORT = (
+    "re-export the SAF-T Financial file from the ERP (complete, version 1.20 or 1.30) and drop it in again"
+)
 FIX_ORG_NUMBER = (
     "correct the organisation number in the ERP's company settings (Header/Company/RegistrationNumber), "
     "then re-export the SAF-T file"
@@ -42,7 +44,7 @@ class SaftFileRejected(BadResponse):
         self.errors = tuple(errors)
         message = f"SAF-T file {self.source_file.name!r} refused: {reason}"
         if self.errors:
-            message += "\n" + "\n".join(f"  - {line}" for line in self.errors)
+            message += "\n" + "\n".join(f"  - {line}" for line in self.errors) + "\n"
         super().__init__(message, erp="saft", tenant=company, fix=fix)
 
 
@@ -106,13 +108,29 @@ class ReconciliationIssue:
 
     org_number: str
     source_file: str
-    check: str  # closing_balance | total_debit | total_credit | number_of_entries | unknown_account |
-    #             period_outside_selection | period_mapping | file_seam
+    # per file (saft.balances): closing_balance, total_debit, total_credit, number_of_entries,
+    # opening_trial_balance, unbalanced_period, unknown_account, duplicate_account, period_mapping,
+    # period_outside_selection,
+    # no_period; across one company's files (erps.saft.combine): file_overlap, file_seam, coverage_gap
+    check: str
     account_number: str | None
     period: dt.date | None  # first day of the month concerned
     expected: Decimal | None  # what the file declares
     actual: Decimal | None  # what the lines add up to
     message: str
+
+    def as_row(self) -> dict:
+        """The warehouse's `reconciliation` columns (`Warehouse.replace_reconciliation`)."""
+        return {
+            "org_number": self.org_number,
+            "source": self.source_file,
+            "check_name": self.check,
+            "account_number": self.account_number,
+            "period": self.period,
+            "expected": self.expected,
+            "actual": self.actual,
+            "message": self.message,
+        }
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 Three layers, cheapest first:
 1. `check_envelope` reads the first 64 KiB and the last 1 KiB: a DTD (`<!DOCTYPE`/`<!ENTITY` anywhere in
-   the first 64 KiB) is refused before any parser runs (SAF-T never needs one; DTDs carry XXE and entity-expansion attacks), and a
-   file that does not end with `</AuditFile>` is refused as truncated (cheap even for 1 GB).
+   the first 64 KiB) is refused before any parser runs (SAF-T never needs one; DTDs carry XXE and
+   entity-expansion attacks), and a file that does not end with `</AuditFile>` is refused as truncated
+   (cheap even for 1 GB).
 2. `iterparse` builds lxml parsers that never resolve entities, load DTDs or touch the network, and keep
    libxml2's size limits (`huge_tree=False`: text nodes ≤ 10 MB, depth ≤ 256; file size is unlimited).
 3. `refuse_doctype` re-checks the parsed document's DTD, for prologs too long for layer 1.
@@ -29,7 +30,7 @@ HEAD_BYTES = 64 * 1024
 TAIL_BYTES = 1024
 MAX_ZIP_MEMBER_BYTES = 16 * 1024**3  # an export larger than this is not a plausible SAF-T file
 DTD_MARKERS = ("<!DOCTYPE", "<!ENTITY")
-CLOSING_TAG = re.compile(r"</([A-Za-z_][\w.-]*:)?AuditFile\s*>\s*(<!--.*?-->\s*)*$", re.S)
+CLOSING_TAG = re.compile(r"</([A-Za-z_][\w.-]*:)?AuditFile\s*>\s*(<!--.*?-->\s*)*$", re.DOTALL)
 BOMS = (
     (codecs.BOM_UTF32_LE, "utf-32-le"),
     (codecs.BOM_UTF32_BE, "utf-32-be"),
@@ -47,12 +48,19 @@ def _zip_member(archive: zipfile.ZipFile, path: Path) -> zipfile.ZipInfo:
     members = [
         info
         for info in archive.infolist()
-        if not info.is_dir() and info.filename.lower().endswith(".xml") and not info.filename.startswith("__MACOSX/")
+        if not info.is_dir()
+        and info.filename.lower().endswith(".xml")
+        and not info.filename.startswith("__MACOSX/")
     ]
     if len(members) != 1:
-        raise SaftFileRejected(path, f"a SAF-T zip must hold exactly one .xml file; this one holds {len(members)}")
+        raise SaftFileRejected(
+            path, f"a SAF-T zip must hold exactly one .xml file; this one holds {len(members)}"
+        )
     if members[0].file_size > MAX_ZIP_MEMBER_BYTES:
-        raise SaftFileRejected(path, f"the XML inside the zip unpacks to {members[0].file_size} bytes (limit {MAX_ZIP_MEMBER_BYTES})")
+        raise SaftFileRejected(
+            path,
+            f"the XML inside the zip unpacks to {members[0].file_size} bytes (limit {MAX_ZIP_MEMBER_BYTES})",
+        )
     return members[0]
 
 

@@ -4,11 +4,13 @@ Version rule (`detect_version`), first match wins:
 1. `Header/AuditFileVersion` says 1.20/1.2 or 1.30/1.3: that version (Skatteetaten validates by it too).
 2. Otherwise (the official examples say "1.0") the structure decides, reading MasterFiles up to the first
    Transaction and stopping at the first telling element:
-   - 1.20: `Account/StandardAccountID`; an Account without `GroupingCategory` (mandatory in 1.30); a balance or
-     `AccountID` directly under `Customer`/`Supplier`; `TaxInformation/TaxAmount`; `Analysis/AnalysisAmount`.
+   - 1.20: `Account/StandardAccountID`; an Account without `GroupingCategory` (mandatory in 1.30); a balance
+     or `AccountID` directly under `Customer`/`Supplier`; `TaxInformation/TaxAmount`;
+     `Analysis/AnalysisAmount`.
    - 1.30: `Customer|Supplier/BalanceAccount`; `Transaction/VoucherType|VoucherDescription|ModificationDate`;
      `TaxInformation/DebitTaxAmount|CreditTaxAmount`; `Analysis/DebitAnalysisAmount|CreditAnalysisAmount`.
-   - nothing telling (every account has GroupingCategory/GroupingCode, no parties, no such line details): 1.30.
+   - nothing telling (every account has GroupingCategory/GroupingCode, no parties, no such line details):
+     1.30.
    The namespace cannot decide: both versions use `urn:StandardAuditFile-Taxation-Financial:NO`.
 
 Validation, two engines over the same XSD files (each schema loaded once):
@@ -36,7 +38,8 @@ from erp_pipelines.saft.safety import open_xml
 
 DATA_DIR = Path(__file__).parent / "data"
 XSD_FILES = {
-    VERSION_1_20: DATA_DIR / "saft_financial_1.20.xsd",  # upstream name: ..._Schema_v_1.10.xsd (declares 1.20)
+    VERSION_1_20: DATA_DIR
+    / "saft_financial_1.20.xsd",  # upstream name: ..._Schema_v_1.10.xsd (declares 1.20)
     VERSION_1_30: DATA_DIR / "saft_financial_1.30.xsd",
 }
 XMLSCHEMA_MAX_BYTES = 16 * 1024**2
@@ -60,7 +63,13 @@ CHILD_MARKERS = {
     ("Analysis", "CreditAnalysisAmount"): VERSION_1_30,
 }
 for _party in ("Customer", "Supplier"):
-    for _child in ("AccountID", "OpeningDebitBalance", "OpeningCreditBalance", "ClosingDebitBalance", "ClosingCreditBalance"):
+    for _child in (
+        "AccountID",
+        "OpeningDebitBalance",
+        "OpeningCreditBalance",
+        "ClosingDebitBalance",
+        "ClosingCreditBalance",
+    ):
         CHILD_MARKERS[(_party, _child)] = VERSION_1_20
 DEFAULT_VERSION = VERSION_1_30
 

@@ -176,7 +176,7 @@ class TruthTenant:
         rows = []
         for month in months:
             for b in self.balances(month):
-                if b.opening or b.movement or b.closing:
+                if b.opening or b.movement or b.closing:  # as extract.py drops zero rows
                     rows.append(Balance(month, str(b.account.number), _kr(b.opening), _kr(b.movement), _kr(b.closing)))
         return rows
 
@@ -238,7 +238,8 @@ def _generate_vouchers(tenant: TruthTenant) -> list[Voucher]:
             add(day(15), "Mva-oppgjør", (2700, settle), (2740, -settle))
         if rng.random() < 0.3:
             petty = rng.randrange(100_00, 3_000_00) + rng.randrange(0, 100)
-            add(day(rng.randrange(1, 28)), "Reise", (7140, petty), (1900, -petty))
+            add(day(2), "Kontantuttak", (1900, petty), (1920, -petty))
+            add(day(rng.randrange(3, 28)), "Reise", (7140, petty), (1900, -petty))
         if rng.random() < 0.2:
             add(day(10), "Forskudd", (1570, 2_500_00), (1920, -2_500_00))
     return vouchers
@@ -254,6 +255,11 @@ class TruthLedger:
 
     def by_client_id(self, client_id: int) -> TruthTenant | None:
         return self._by_id.get(client_id)
+
+    def add_tenant(self, tenant: TruthTenant) -> None:
+        """Add a tenant at runtime (a newly granted client), keeping the id index current."""
+        self.tenants.append(tenant)
+        self._by_id[tenant.erp_client_id] = tenant
 
     def by_org_number(self, org_number: str) -> list[TruthTenant]:
         return [t for t in self.tenants if t.org_number == org_number]

@@ -11,16 +11,18 @@ balances and totals are scaled to match (opening + repeat × movement).
 
 from __future__ import annotations
 
+import calendar
 import datetime as dt
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from xml.sax.saxutils import escape
 
 from erp_pipelines.model import months_between
 from erp_pipelines.saft.records import NAMESPACE, VERSION_1_20, VERSION_1_30, VERSIONS
-from erp_pipelines.sandbox.ledger import TruthTenant, Voucher
+from erp_pipelines.sandbox.ledger import TruthTenant, Voucher, generate_ledger
 
-# Truth chart → 1.30 næringsspesifikasjon (GroupingCategory, GroupingCode). Checked against the code list in tests.
+# Truth chart → 1.30 næringsspesifikasjon (GroupingCategory, GroupingCode); tests check them against the list.
 GROUPING_1_30: dict[int, tuple[str, str]] = {
     1200: ("balanseverdiForAnleggsmiddel", "1205"),
     1500: ("balanseverdiForOmloepsmiddel", "1500"),
@@ -92,11 +94,55 @@ def write_saft_file(
     return path
 
 
-def _file_months(tenant: TruthTenant, year: int, first: dt.date | None, last: dt.date | None) -> list[dt.date]:
+def write_demo_drop(drop_dir: str | Path, *, seed: int = 4711) -> list[Path]:
+    """A drop folder for `make demo`: three companies (own ledger, 2024–2025) that all reconcile.
+
+    - company 1: 2024 as a 1.20 file and 2025 as a 1.30 file (two fiscal years, one tenant);
+    - company 2: an export of January–June 2025, then a newer export of the whole of 2025 (overlap: the
+      newer file wins; it agrees, so nothing is reported);
+    - company 3: 2025 as a 1.30 file inside a zip.
+    """
+    drop_dir = Path(drop_dir)
+    drop_dir.mkdir(parents=True, exist_ok=True)
+    ledger = generate_ledger(
+        3,
+        seed=seed,
+        first_month=dt.date(2024, 1, 1),
+        last_month=dt.date(2025, 12, 1),
+        rejected_fixtures=False,
+        client_id_base=90_000,
+    )
+    first, second, third = ledger.tenants
+    paths = [
+        write_saft_file(first, drop_dir / f"SAF-T_{first.org_number}_2024.xml", VERSION_1_20, 2024),
+        write_saft_file(first, drop_dir / f"SAF-T_{first.org_number}_2025.xml", VERSION_1_30, 2025),
+        write_saft_file(
+            second,
+            drop_dir / f"SAF-T_{second.org_number}_2025H1.xml",
+            VERSION_1_30,
+            2025,
+            last_month=dt.date(2025, 6, 1),
+            created=dt.date(2025, 7, 10),
+        ),
+        write_saft_file(second, drop_dir / f"SAF-T_{second.org_number}_2025.xml", VERSION_1_30, 2025),
+    ]
+    xml = write_saft_file(third, drop_dir / f"SAF-T_{third.org_number}_2025.xml", VERSION_1_30, 2025)
+    archive = xml.with_suffix(".zip")
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+        zipped.write(xml, xml.name)
+    xml.unlink()
+    return [*paths, archive]
+
+
+def _file_months(
+    tenant: TruthTenant, year: int, first: dt.date | None, last: dt.date | None
+) -> list[dt.date]:
     first = max(first or dt.date(year, 1, 1), tenant.first_month)
     last = min(last or dt.date(year, 12, 1), tenant.last_month)
     if first.year != year or last.year != year or first > last:
-        raise ValueError(f"no months of {year} in the ledger ({tenant.first_month:%Y-%m}..{tenant.last_month:%Y-%m})")
+        raise ValueError(
+            f"no months of {year} in the ledger ({tenant.first_month:%Y-%m}..{tenant.last_month:%Y-%m})"
+        )
     return months_between(first, last)
 
 
@@ -105,15 +151,15 @@ def _kroner(ore: int) -> str:
     return f"{ore // 100}.{ore % 100:02d}"
 
 
-def _signed(prefix: str, ore: int) -> str:
-    """`<prefixDebit…>` or `<prefixCredit…>` element name by sign, e.g. Opening + DebitBalance."""
-    side = "Debit" if ore >= 0 else "Credit"
-    return prefix.format(side=side)
+def _balance(kind: str, ore: int) -> str:
+    """`<OpeningDebitBalance>` or `<OpeningCreditBalance>` (kind "Opening"/"Closing") by the sign of `ore`."""
+    name = f"{kind}{'Debit' if ore >= 0 else 'Credit'}Balance"
+    return f"\t\t\t\t<{name}>{_kroner(abs(ore))}</{name}>\n"
 
 
 def _header(tenant: TruthTenant, version: str, months: list[dt.date], created: dt.date) -> str:
     if version == VERSION_1_30:
-        last_day = (months[-1].replace(day=28) + dt.timedelta(days=4)).replace(day=1) - dt.timedelta(days=1)
+        last_day = months[-1].replace(day=calendar.monthrange(months[-1].year, months[-1].month)[1])
         selection = (
             f"\t\t\t<SelectionStartDate>{months[0].isoformat()}</SelectionStartDate>\n"
             f"\t\t\t<SelectionEndDate>{last_day.isoformat()}</SelectionEndDate>\n"
@@ -149,9 +195,13 @@ def _header(tenant: TruthTenant, version: str, months: list[dt.date], created: d
 
 def _mapping(number: int, version: str) -> str:
     if version == VERSION_1_20:
-        return f"\t\t\t\t<StandardAccountID>{STANDARD_ACCOUNT_1_20.get(number, str(number))}</StandardAccountID>\n"
+        standard = STANDARD_ACCOUNT_1_20.get(number, str(number))
+        return f"\t\t\t\t<StandardAccountID>{standard}</StandardAccountID>\n"
     category, code = GROUPING_1_30[number]
-    return f"\t\t\t\t<GroupingCategory>{category}</GroupingCategory>\n\t\t\t\t<GroupingCode>{code}</GroupingCode>\n"
+    return (
+        f"\t\t\t\t<GroupingCategory>{category}</GroupingCategory>\n"
+        f"\t\t\t\t<GroupingCode>{code}</GroupingCode>\n"
+    )
 
 
 def _master_files(tenant: TruthTenant, version: str, months: list[dt.date], repeat: int) -> str:
@@ -170,8 +220,7 @@ def _master_files(tenant: TruthTenant, version: str, months: list[dt.date], repe
             f"\t\t\t\t<AccountDescription>{escape(account.name)}</AccountDescription>\n"
             f"{_mapping(account.number, version)}"
             "\t\t\t\t<AccountType>GL</AccountType>\n"
-            f"\t\t\t\t<{_signed('Opening{side}Balance', start)}>{_kroner(abs(start))}</{_signed('Opening{side}Balance', start)}>\n"
-            f"\t\t\t\t<{_signed('Closing{side}Balance', end)}>{_kroner(abs(end))}</{_signed('Closing{side}Balance', end)}>\n"
+            f"{_balance('Opening', start)}{_balance('Closing', end)}"
             "\t\t\t</Account>\n"
         )
     parts.append("\t\t</GeneralLedgerAccounts>\n")
@@ -223,11 +272,14 @@ def _transaction_body(voucher: Voucher, version: str) -> str:
     day = voucher.date.isoformat()
     text = escape(voucher.description)
     parts = [
-        f"\t\t\t\t<Period>{voucher.date.month}</Period>\n\t\t\t\t<PeriodYear>{voucher.date.year}</PeriodYear>\n"
-        f"\t\t\t\t<TransactionDate>{day}</TransactionDate>\n"
+        f"\t\t\t\t<Period>{voucher.date.month}</Period>\n",
+        f"\t\t\t\t<PeriodYear>{voucher.date.year}</PeriodYear>\n",
+        f"\t\t\t\t<TransactionDate>{day}</TransactionDate>\n",
     ]
     if version == VERSION_1_30:
-        parts.append(f"\t\t\t\t<VoucherType>{text}</VoucherType>\n\t\t\t\t<VoucherDescription>{text}</VoucherDescription>\n")
+        parts.append(
+            f"\t\t\t\t<VoucherType>{text}</VoucherType>\n\t\t\t\t<VoucherDescription>{text}</VoucherDescription>\n"
+        )
     parts.append(
         f"\t\t\t\t<Description>{text} {voucher.number}</Description>\n"
         f"\t\t\t\t<SystemEntryDate>{day}</SystemEntryDate>\n\t\t\t\t<GLPostingDate>{day}</GLPostingDate>\n"

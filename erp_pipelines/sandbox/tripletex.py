@@ -538,8 +538,7 @@ class TripletexSandbox:
                 company_type=company_type, seed=seed, first_month=self.ledger.first_month,
                 last_month=self.ledger.last_month, accounts=template.accounts,
             )
-            tenants.append(tenant)
-            self.ledger.__dict__.pop("_by_id", None)  # TruthLedger caches its id index
+            self.ledger.add_tenant(tenant)
             self.state.tenants[client_id] = tenant
             self.state.access[client_id] = ClientAccess(login_access=login_access, api_access=api_access)
             return tenant
@@ -746,7 +745,12 @@ class TripletexSandbox:
                 elif phantom is not None:
                     if mutation.inserted is None:
                         mutation.inserted = phantom()
-                    nodes.insert(position, mutation.inserted)
+                    # the new element appears once, at `position` (a phantom client is also a real
+                    # client from now on, so it is in `nodes` already: move it, do not repeat it)
+                    new_id = mutation.inserted.data.get("id")
+                    if new_id is not None:
+                        nodes = [n for n in nodes if n.data.get("id") != new_id]
+                    nodes.insert(min(position, len(nodes)), mutation.inserted)
         return nodes
 
     def _single(self, node: Node, request: Request) -> Response:

@@ -5,7 +5,9 @@ import json
 from zoneinfo import ZoneInfo
 
 import dagster as dg
-from conftest import HISTORY_START, THIS_MONTH, landed_balances, materialize_clients, materialize_tenants, truth_balances
+from tripletex_support import (
+    HISTORY_START, THIS_MONTH, landed_balances, materialize_clients, materialize_tenants, truth_balances,
+)
 from dagster._core.storage.partition_status_cache import get_and_update_asset_status_cache_value
 
 from erp_pipelines import quality
@@ -112,18 +114,29 @@ def test_year_end_backfill_replaces_only_its_window(tripletex):
     assert min(months) == HISTORY_START and max(months) == THIS_MONTH
 
 
+def run_sensor(t):
+    sensor = t.defs.resolve_sensor_def("tripletex_client_access_sensor")
+    return sensor(dg.build_sensor_context(instance=t.instance, definitions=t.defs, resources=t.defs.resources))
+
+
+def execute(t, request):
+    return t.job.execute_in_process(
+        instance=t.instance, asset_selection=list(request.asset_selection), tags=request.tags,
+        run_config=request.run_config, raise_on_error=False,
+    )
+
+
 def test_client_access_sensor_adds_new_client_and_records_revoked_one(tripletex):
     materialize_clients(tripletex)
     existing = tripletex.instance.get_dynamic_partitions("tripletex_tenants")
+    assert materialize_tenants(tripletex, existing[0], existing[-1]).success
     revoked = tripletex.ledger.valid_tenants[1]
     tripletex.admin.post(f"/clients/{revoked.erp_client_id}/revoke").raise_for_status()
     created = tripletex.admin.post("/clients", json={"name": "Nyklient Fjordbruk AS"})
     created.raise_for_status()
     new_org = created.json()["organizationNumber"]
 
-    sensor = tripletex.defs.resolve_sensor_def("tripletex_client_access_sensor")
-    context = dg.build_sensor_context(instance=tripletex.instance, definitions=tripletex.defs, resources=tripletex.defs.resources)
-    result = sensor(context)
+    result = run_sensor(tripletex)
 
     assert [request.partition_keys for request in result.dynamic_partitions_requests] == [[new_org]]
     assert len(result.run_requests) == 1
@@ -135,21 +148,39 @@ def test_client_access_sensor_adds_new_client_and_records_revoked_one(tripletex)
         "SELECT status, revoked_at IS NOT NULL FROM clients WHERE org_number = ?", [revoked.org_number])
     assert revoked_row == [("revoked", True)]
     assert result.asset_events[0].metadata["tenants_revoked"].value == 1
+    assert landed_balances(tripletex.warehouse, revoked.org_number) == truth_balances(revoked)  # history kept
 
     # carry out what the sensor asked for: the new tenant's first full sync lands
     tripletex.instance.add_dynamic_partitions("tripletex_tenants", [new_org])
-    run = tripletex.job.execute_in_process(
-        instance=tripletex.instance, asset_selection=list(request.asset_selection),
-        tags=request.tags, run_config=request.run_config,
-    )
-    assert run.success
+    assert execute(tripletex, request).success
     new_tenant = tripletex.ledger.by_org_number(new_org)[0]
     assert landed_balances(tripletex.warehouse, new_org) == truth_balances(new_tenant, first=HISTORY_START)
     assert tripletex.instance.get_dynamic_partitions("tripletex_tenants") == existing + [new_org]
 
     # a second tick with nothing new requests nothing
-    again = sensor(dg.build_sensor_context(instance=tripletex.instance, definitions=tripletex.defs, resources=tripletex.defs.resources))
-    assert again.run_requests == [] and again.dynamic_partitions_requests == []
+    again = run_sensor(tripletex)
+    assert again.run_requests == [] and again.dynamic_partitions_requests == [] and again.asset_events == []
+
+    # access granted again: a re-sync of that tenant is requested
+    tripletex.admin.post(f"/clients/{revoked.erp_client_id}/grant").raise_for_status()
+    regranted = run_sensor(tripletex)
+    assert [(r.tags[RANGE_START], r.tags[RANGE_END]) for r in regranted.run_requests] == [
+        (revoked.org_number, revoked.org_number)]
+
+
+def test_sensor_requests_first_full_sync_for_registered_but_never_synced_tenants(tripletex):
+    materialize_clients(tripletex)  # partitions exist, nothing synced yet
+    keys = tripletex.instance.get_dynamic_partitions("tripletex_tenants")
+    first = run_sensor(tripletex)
+    ranges = [(r.tags[RANGE_START], r.tags[RANGE_END]) for r in first.run_requests]
+    assert ranges == [(keys[0], keys[2]), (keys[3], keys[5])]  # ERP_TENANTS_PER_RUN=3
+    # the same state gives the same run keys, so the daemon never launches them twice
+    assert [r.run_key for r in run_sensor(tripletex).run_requests] == [r.run_key for r in first.run_requests]
+    for request in first.run_requests:
+        assert execute(tripletex, request).success
+    assert run_sensor(tripletex).run_requests == []
+    for tenant in tripletex.ledger.valid_tenants:
+        assert landed_balances(tripletex.warehouse, tenant.org_number) == truth_balances(tenant)
 
 
 def test_daily_schedule_covers_active_tenants_in_few_chunked_runs(tripletex):

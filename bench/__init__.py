@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): throughput at the rate limit against a served sandbox, and peers."""

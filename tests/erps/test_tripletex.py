@@ -1,0 +1,178 @@
+"""Tripletex connector against the in-process sandbox (its responses are validated against the
+vendor spec in tests/sandbox)."""
+
+import asyncio
+import datetime as dt
+
+import httpx
+import pytest
+
+from erp_pipelines.erps import tripletex as tripletex_module
+from erp_pipelines.erps.tripletex import TripletexConnector
+from erp_pipelines.errors import AuthError, ClientAccessError
+from erp_pipelines.model import ClientStatus, classify_clients, months_between
+from erp_pipelines.sandbox.ledger import generate_ledger
+from erp_pipelines.sandbox.tripletex import TripletexSandbox
+
+MONTHS = months_between(dt.date(2026, 1, 1), dt.date(2026, 3, 1))
+
+
+@pytest.fixture
+def ledger():
+    return generate_ledger(5, first_month=dt.date(2025, 10, 1), last_month=dt.date(2026, 3, 1))
+
+
+def connect(sandbox, employee_token=None, **kwargs):
+    return TripletexConnector(
+        base_url="http://tripletex.sandbox/v2",
+        consumer_token=sandbox.consumer_token,
+        employee_token=employee_token or sandbox.accountant_employee_token,
+        transport=httpx.ASGITransport(app=sandbox.app),
+        **kwargs,
+    )
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_accountant_key_lists_clients_and_fetches_exact_balances(ledger):
+    sandbox = TripletexSandbox(ledger)
+
+    async def scenario():
+        async with connect(sandbox) as connector:
+            clients = classify_clients(await connector.list_clients())
+            tenant = ledger.valid_tenants[0]
+            client = next(c for c in clients if c.erp_client_id == str(tenant.erp_client_id))
+            return clients, client, await connector.fetch_balances(client, MONTHS), await connector.fetch_accounts(client)
+
+    clients, client, balances, accounts = run(scenario())
+    assert [c.erp_client_id for c in clients] == [str(t.erp_client_id) for t in ledger.tenants]
+    assert [c.status == ClientStatus.OK for c in clients] == [t.expected_status == "ok" for t in ledger.tenants]
+    tenant = ledger.valid_tenants[0]
+    assert sorted(balances, key=lambda b: (b.period, b.account_number)) == sorted(
+        tenant.expected_balances(MONTHS), key=lambda b: (b.period, b.account_number))
+    assert {a.account_number: a.name for a in accounts}["1920"] == "Bankinnskudd"
+    assert len(accounts) == len(tenant.accounts)
+
+
+def test_balance_requests_ask_for_exclusive_date_to_and_all_active_accounts(ledger):
+    sandbox = TripletexSandbox(ledger)
+
+    async def scenario():
+        async with connect(sandbox) as connector:
+            client = (await connector.list_clients())[0]
+            await connector.fetch_balances(client, [dt.date(2026, 2, 1)])
+
+    run(scenario())
+    request = sandbox.stats.requests(template="GET /v2/balanceSheet")[0]
+    assert "dateFrom=2026-02-01" in request.query and "dateTo=2026-03-01" in request.query
+    assert "includeActiveAccountsWithoutMovements=true" in request.query
+
+
+def test_company_own_key_is_its_single_tenant(ledger):
+    own = ledger.valid_tenants[1]
+    sandbox = TripletexSandbox(ledger, company_tokens={"company-own-key": own.erp_client_id})
+
+    async def scenario():
+        async with connect(sandbox, employee_token="company-own-key") as connector:
+            clients = await connector.list_clients()
+            return clients, await connector.fetch_balances(clients[0], MONTHS[:1])
+
+    clients, balances = run(scenario())
+    assert [(c.erp_client_id, c.org_number, c.name) for c in clients] == [("0", own.org_number, own.name)]
+    assert len(balances) == len(own.expected_balances(MONTHS[:1]))
+
+
+def test_session_is_reminted_after_expiry_and_once_per_401(ledger):
+    sandbox = TripletexSandbox(ledger)
+
+    async def scenario():
+        async with connect(sandbox) as connector:
+            client = (await connector.list_clients())[0]
+            sandbox.expire_all_sessions()
+            balances = await connector.fetch_balances(client, MONTHS)
+            return balances, connector
+
+    balances, connector = run(scenario())
+    assert len(balances) == len(ledger.tenants[0].expected_balances(MONTHS))
+    creates = sandbox.stats.requests(template="POST /v2/token/session/:create")
+    assert len(creates) == 2
+
+
+def test_session_expiration_date_is_in_the_future_and_reminted_before_it(ledger):
+    sandbox = TripletexSandbox(ledger, today=dt.date(2026, 11, 21))
+
+    async def scenario(today):
+        connector = connect(sandbox, today=today)
+        async with connector:
+            await connector.list_clients()
+            first = connector._session
+            connector._today = today + dt.timedelta(days=1)  # the day before expiry: re-mint
+            sandbox.today = today + dt.timedelta(days=1)
+            await connector.list_clients()
+            return first, connector._session
+
+    first, second = run(scenario(dt.date(2026, 11, 21)))
+    assert first[1] == dt.date(2026, 11, 23)
+    assert second[1] == dt.date(2026, 11, 24) and second[0] != first[0]
+
+
+def test_revoked_klienttilgang_is_a_client_access_error_naming_the_tenant(ledger):
+    sandbox = TripletexSandbox(ledger)
+    tenant = ledger.valid_tenants[2]
+
+    async def scenario():
+        async with connect(sandbox) as connector:
+            client = next(c for c in await connector.list_clients() if c.erp_client_id == str(tenant.erp_client_id))
+            sandbox.revoke_client_access(tenant.erp_client_id)
+            await connector.fetch_accounts(client)
+
+    with pytest.raises(ClientAccessError) as caught:
+        run(scenario())
+    assert f"{tenant.name} (orgnr {tenant.org_number}" in str(caught.value)
+    assert "Klienttilgang" in str(caught.value)
+
+
+def test_wrong_token_is_an_auth_error_without_the_token(ledger):
+    sandbox = TripletexSandbox(ledger)
+
+    async def scenario():
+        async with connect(sandbox, employee_token="not-a-real-key-4f1c") as connector:
+            await connector.list_clients()
+
+    with pytest.raises(AuthError) as caught:
+        run(scenario())
+    assert "TRIPLETEX_EMPLOYEE_TOKEN" in str(caught.value)
+    assert "not-a-real-key-4f1c" not in str(caught.value)
+    assert sandbox.consumer_token not in str(caught.value)
+
+
+def test_client_list_is_paged_until_a_short_page(ledger, monkeypatch):
+    monkeypatch.setattr(tripletex_module, "PAGE_SIZE", 3)
+    sandbox = TripletexSandbox(ledger)
+
+    async def scenario():
+        async with connect(sandbox) as connector:
+            return await connector.list_clients()
+
+    assert len(run(scenario())) == len(ledger.tenants)  # 9 clients: pages of 3, 3, 3 and an empty one
+    pages = sandbox.stats.requests(template="GET /v2/company/>withLoginAccess")
+    assert len(pages) == 4
+
+
+def test_own_company_guard_checks_the_organisation_number(ledger):
+    own = ledger.valid_tenants[1]
+    sandbox = TripletexSandbox(ledger, company_tokens={"company-own-key": own.erp_client_id})
+
+    async def scenario():
+        async with connect(sandbox, employee_token="company-own-key") as connector:
+            client = (await connector.list_clients())[0]
+            from dataclasses import replace
+
+            await connector.fetch_accounts(replace(client, org_number=ledger.valid_tenants[0].org_number))
+
+    from erp_pipelines.errors import TenantMismatch
+
+    with pytest.raises(TenantMismatch, match="instead of this tenant"):
+        run(scenario())

@@ -21,7 +21,7 @@ import select
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -61,7 +61,7 @@ class SandboxProcess:
         self._process: subprocess.Popen | None = None
         self._admin: httpx.Client | None = None
 
-    def __enter__(self) -> SandboxProcess:
+    def __enter__(self) -> Self:
         argument = json.dumps({**dataclasses.asdict(self.spec), "first_month": self.spec.first_month.isoformat(),
                                "last_month": self.spec.last_month.isoformat()})
         root = str(Path(__file__).resolve().parents[1])
@@ -80,7 +80,7 @@ class SandboxProcess:
         self._admin = httpx.Client(base_url=self.url.removesuffix("/v2") + "/_sandbox", timeout=30)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._admin is not None:
             self._admin.close()
         if self._process is not None:

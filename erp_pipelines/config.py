@@ -5,7 +5,8 @@
   its variables is set. An enabled ERP must have all its required variables.
 - Per ERP, the variables its connector declares (`Connector.settings`), e.g. `TRIPLETEX_BASE_URL`.
 - `<ERP>_HISTORY_START`: first month of a full sync (YYYY-MM-DD; default per source, 2023-01-01 for APIs).
-- `ERP_TENANTS_PER_RUN`: tenants per run in backfills, schedules and sensors (default 500).
+- `ERP_TENANTS_PER_RUN`: tenants per run of the daily schedule and the client-access sensor
+  (default 500). A backfill or a CLI `--partition-range` is one run for the whole range.
 - `ERP_TOKEN_STORE_PATH`: the encrypted token store (default `tokens.enc` next to the warehouse);
   `ERP_TOKEN_STORE_KEY`: its key (default: a generated key file, mode 0600). See `tokens.py`.
 

@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -147,9 +148,19 @@ def run_dev(port: int, ui_port: int) -> int:
     with sandbox_environment(port=port) as env:
         print(f"Sandbox ERPs running; Tripletex at {env['TRIPLETEX_BASE_URL']}; DAGSTER_HOME={home}")
         command = [sys.executable, "-m", "dagster", "dev", "-m", "erp_pipelines.definitions", "-p", str(ui_port)]
-        with contextlib.suppress(KeyboardInterrupt):
-            return subprocess.call(command, env={**os.environ, **env}, cwd=ROOT)
-    return 0
+        process = subprocess.Popen(command, env={**os.environ, **env}, cwd=ROOT)
+        signal.signal(signal.SIGTERM, lambda *_: process.terminate())
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            return 0
+        finally:  # never leave dagster dev (and its daemon and webserver) running without the sandbox
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import threading
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from typing import TypeVar
 
 from erp_pipelines.erps.base import Connector
@@ -66,6 +66,23 @@ async def _close(agen: AsyncIterator) -> None:
     aclose = getattr(agen, "aclose", None)
     if aclose:
         await aclose()
+
+
+async def closing(connector: Connector, awaitable: Awaitable[T]) -> T:
+    """Await, then close the connector (on the same event loop)."""
+    try:
+        return await awaitable
+    finally:
+        await connector.aclose()
+
+
+async def closing_iter(connector: Connector, items: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Iterate, then close the connector (on the same event loop), however the iteration ends."""
+    try:
+        async for item in items:
+            yield item
+    finally:
+        await connector.aclose()
 
 
 async def refresh_clients(connector: Connector, warehouse: Warehouse) -> tuple[list[Client], ClientRegistryChange]:

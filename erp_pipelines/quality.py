@@ -1,6 +1,7 @@
 """Integrity checks over the warehouse, as plain SQL (the Dagster asset checks call these).
 
-Each returns the violating rows (empty means the check passes):
+Each returns the violating rows (empty means the check passes), over one ERP, optionally only
+some tenants (the ones a run just loaded):
 - `trial_balance`: per tenant and month, opening, movement and closing each sum to zero;
 - `continuity`: an account's closing in one month equals its opening the next month (same
   calendar year: profit-and-loss accounts restart at zero each year);
@@ -17,7 +18,7 @@ CHECKS = {
         "Opening, movement and closing each sum to zero per tenant and month (double entry).",
         """
         SELECT org_number, period, sum(opening) AS opening, sum(movement) AS movement, sum(closing) AS closing
-        FROM balances WHERE erp = ?
+        FROM balances WHERE erp = ? {tenants}
         GROUP BY org_number, period
         HAVING sum(opening) <> 0 OR sum(movement) <> 0 OR sum(closing) <> 0
         ORDER BY org_number, period
@@ -26,7 +27,7 @@ CHECKS = {
     "continuity": (
         "Closing balance of month m equals the opening balance of month m+1 within a year.",
         """
-        WITH b AS (SELECT org_number, period, account_number, opening, closing FROM balances WHERE erp = ?),
+        WITH b AS (SELECT org_number, period, account_number, opening, closing FROM balances WHERE erp = ? {tenants}),
         months AS (SELECT DISTINCT org_number, period FROM b),
         pairs AS (
             SELECT m.org_number, m.period AS month, n.period AS next_month
@@ -51,7 +52,7 @@ CHECKS = {
         "opening + movement = closing on every row.",
         """
         SELECT org_number, period, account_number, opening, movement, closing
-        FROM balances WHERE erp = ? AND opening + movement <> closing
+        FROM balances WHERE erp = ? {tenants} AND opening + movement <> closing
         ORDER BY 1, 2, 3
         """,
     ),
@@ -60,7 +61,7 @@ CHECKS = {
         """
         SELECT DISTINCT b.org_number, b.account_number
         FROM balances b
-        WHERE b.erp = ?
+        WHERE b.erp = ? {tenants}
           AND b.org_number IN (SELECT org_number FROM accounts WHERE erp = b.erp)
           AND NOT EXISTS (SELECT 1 FROM accounts a WHERE a.erp = b.erp AND a.org_number = b.org_number
                           AND a.account_number = b.account_number)
@@ -70,9 +71,18 @@ CHECKS = {
 }
 
 
-def run_check(warehouse: Warehouse, erp: str, name: str, limit: int = 50) -> tuple[int, list[tuple]]:
+TENANT_FILTER = "AND org_number IN (SELECT unnest(?::VARCHAR[]))"
+
+
+def run_check(
+    warehouse: Warehouse, erp: str, name: str, *, tenants: list[str] | None = None, limit: int = 50
+) -> tuple[int, list[tuple]]:
     """(number of violations, the first `limit` of them)."""
     _, sql = CHECKS[name]
+    params: list = [erp]
+    if tenants is not None:
+        params.append(list(tenants))
+    sql = sql.format(tenants=TENANT_FILTER if tenants is not None else "")
     with warehouse.connect() as con:
-        rows = con.execute(sql, [erp]).fetchall()
+        rows = con.execute(sql, params).fetchall()
     return len(rows), rows[:limit]

@@ -316,13 +316,25 @@ class Warehouse:
         self, erp: str, by_tenant: Mapping[str, list[Account]], *, run_id: str | None = None,
         extracted_at: dt.datetime | None = None,
     ) -> WriteResult:
-        """Replace the chart of accounts of each tenant in `by_tenant`, atomically."""
+        """Replace the chart of accounts of each tenant in `by_tenant`, atomically. An account
+        number given twice for one tenant is refused (nothing is written)."""
         at = extracted_at or utcnow()
-        columns: dict[str, list] = {name: [] for name in ACCOUNT_SCHEMA.names}
         for org, accounts in by_tenant.items():
-            for a in accounts:
-                _append(columns, erp, org, a.account_number, a.name, a.account_type, a.standard_account, at, run_id)
-        table = pa.Table.from_pydict(columns, schema=ACCOUNT_SCHEMA)
+            _refuse_repeats(erp, org, "account", (a.account_number for a in accounts))
+        orgs, rows = _flatten(by_tenant)
+        table = pa.Table.from_arrays(
+            [
+                _repeat(erp, pa.string(), len(rows)),
+                pa.array(orgs, pa.string()),
+                pa.array([a.account_number for a in rows], pa.string()),
+                pa.array([a.name for a in rows], pa.string()),
+                pa.array([a.account_type for a in rows], pa.string()),
+                pa.array([a.standard_account for a in rows], pa.string()),
+                _repeat(at, pa.timestamp("us"), len(rows)),
+                _repeat(run_id, pa.string(), len(rows)),
+            ],
+            schema=ACCOUNT_SCHEMA,
+        )
         return self._replace("accounts", erp, list(by_tenant), table, window=None)
 
     def replace_balances(
@@ -330,19 +342,36 @@ class Warehouse:
         run_id: str | None = None, extracted_at: dt.datetime | None = None,
     ) -> WriteResult:
         """Replace each tenant's balances for the months `months[0]..months[-1]`, atomically.
-        Rows outside that window are refused, so a bug cannot delete one window and fill another."""
+        Rows outside that window are refused, so a bug cannot delete one window and fill another;
+        so is a (period, account) given twice for one tenant: a duplicated row never lands."""
         if not months:
             raise ValueError("replace_balances needs the month window it replaces")
         first, last = min(months), max(months)
         at = extracted_at or utcnow()
-        columns: dict[str, list] = {name: [] for name in BALANCE_SCHEMA.names}
         for org, balances in by_tenant.items():
-            for b in balances:
-                if not first <= b.period <= last:
-                    raise ValueError(f"{erp} {org}: balance for {b.period} is outside the window {first}..{last}")
-                _append(columns, erp, org, b.period, b.account_number, b.opening, b.movement, b.closing, b.currency,
-                        at, run_id)
-        table = pa.Table.from_pydict(columns, schema=BALANCE_SCHEMA)
+            _refuse_repeats(erp, org, "balance", ((b.period, b.account_number) for b in balances))
+        orgs, rows = _flatten(by_tenant)
+        periods = [b.period for b in rows]
+        if periods and not (first <= min(periods) and max(periods) <= last):
+            org, b = next((o, b) for o, b in zip(orgs, rows, strict=True) if not first <= b.period <= last)
+            raise ValueError(f"{erp} {org}: balance for {b.period} is outside the window {first}..{last}")
+        # built column by column (list comprehensions and one conversion each): 3-4x faster than
+        # appending row by row, which matters for a 1M-row load
+        table = pa.Table.from_arrays(
+            [
+                _repeat(erp, pa.string(), len(rows)),
+                pa.array(orgs, pa.string()),
+                pa.array(periods, pa.date32()),
+                pa.array([b.account_number for b in rows], pa.string()),
+                pa.array([b.opening for b in rows], MONEY),
+                pa.array([b.movement for b in rows], MONEY),
+                pa.array([b.closing for b in rows], MONEY),
+                pa.array([b.currency for b in rows], pa.string()),
+                _repeat(at, pa.timestamp("us"), len(rows)),
+                _repeat(run_id, pa.string(), len(rows)),
+            ],
+            schema=BALANCE_SCHEMA,
+        )
         return self._replace("balances", erp, list(by_tenant), table, window=("period", first, last))
 
     def replace_reconciliation(
@@ -379,6 +408,28 @@ class Warehouse:
             con.unregister("write_rows")
             con.unregister("write_tenants")
         return WriteResult(len(tenants), rows.num_rows, time.perf_counter() - started, waited)
+
+
+def _refuse_repeats(erp: str, org: str, what: str, keys: Iterable[Any]) -> None:
+    seen: set[Any] = set()
+    for key in keys:
+        if key in seen:
+            raise ValueError(f"{erp} {org}: {what} {key} appears twice in one write; nothing was written")
+        seen.add(key)
+
+
+def _flatten(by_tenant: Mapping[str, list[Any]]) -> tuple[list[str], list[Any]]:
+    """Every tenant's records in one list, with the tenant of each beside it."""
+    orgs = [org for org, records in by_tenant.items() for _ in records]
+    return orgs, [record for records in by_tenant.values() for record in records]
+
+
+def _repeat(value: Any, type_: pa.DataType, n: int) -> pa.Array:
+    """A column holding one value `n` times, without n Python objects (a timestamp repeated as its
+    integer: `pa.repeat` of a timestamp scalar converts each element)."""
+    if isinstance(value, dt.datetime):
+        return pa.repeat(pa.scalar(pa.scalar(value, type_).value, pa.int64()), n).view(type_)
+    return pa.repeat(pa.scalar(value, type_), n)
 
 
 def _append(columns: dict[str, list], *values: Any) -> None:

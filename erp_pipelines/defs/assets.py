@@ -6,7 +6,8 @@
   tenants, extracted concurrently. Each tenant that lands gets its own materialisation event; the
   run then fails if any tenant failed, so the UI shows exactly the failed tenants as failed and
   they can be retried alone.
-- Asset checks on `<erp>/balances` run the warehouse integrity checks (`quality.py`).
+- `<erp>/balances` carries the integrity checks (`quality.py`) and evaluates them for the tenants each
+  run loads, so they run on every path (UI, CLI, schedule, sensor).
 """
 
 
@@ -14,7 +15,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Generator, Iterator
 from zoneinfo import ZoneInfo
 
 import dagster as dg
@@ -24,7 +25,7 @@ from erp_pipelines.config import ErpConfig
 from erp_pipelines.erps.extract import ACCOUNTS, BALANCES
 from erp_pipelines.errors import ConfigError
 from erp_pipelines.model import TenantExtract, add_months, months_between
-from erp_pipelines.pipeline import LoadedBatch, iterate_sync, load_tenants, refresh_clients
+from erp_pipelines.pipeline import closing, closing_iter, iterate_sync, load_tenants, refresh_clients
 
 OSLO = ZoneInfo("Europe/Oslo")
 warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*backfill_policy.*")  # used on purpose
@@ -73,7 +74,6 @@ class ErpAssets:
     accounts_key: dg.AssetKey
     balances_key: dg.AssetKey
     assets: list[dg.AssetsDefinition]
-    checks: list[dg.AssetChecksDefinition]
 
     @property
     def extract_keys(self) -> list[dg.AssetKey]:
@@ -83,7 +83,7 @@ class ErpAssets:
     def balances_op(self) -> str:
         return "__".join(self.balances_key.path)
 
-def build_erp_assets(erp_config: ErpConfig, *, tenants_per_run: int) -> ErpAssets:
+def build_erp_assets(erp_config: ErpConfig) -> ErpAssets:
     erp = erp_config.name
     connector_class = erp_config.plugin.connector_class
     partitions = dg.DynamicPartitionsDefinition(name=f"{erp}_tenants")
@@ -92,7 +92,9 @@ def build_erp_assets(erp_config: ErpConfig, *, tenants_per_run: int) -> ErpAsset
     partitioned = dict(
         partitions_def=partitions,
         deps=[clients_key],
-        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=tenants_per_run),
+        # one run per selected range: what `dagster asset materialize --partition-range` requires;
+        # the schedule and the sensor cut their ranges into runs of ERP_TENANTS_PER_RUN themselves
+        backfill_policy=dg.BackfillPolicy.single_run(),
         output_required=False,
     )
 
@@ -105,7 +107,7 @@ def build_erp_assets(erp_config: ErpConfig, *, tenants_per_run: int) -> ErpAsset
     def clients(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         warehouse = getattr(context.resources, WAREHOUSE).get()
         connector = getattr(context.resources, erp).connector()
-        listed, change = asyncio.run(_closing(connector, refresh_clients(connector, warehouse)))
+        listed, change = asyncio.run(closing(connector, refresh_clients(connector, warehouse)))
         existing = set(context.instance.get_dynamic_partitions(partitions.name))
         added = [org for org in change.active if org not in existing]
         if added:
@@ -122,49 +124,42 @@ def build_erp_assets(erp_config: ErpConfig, *, tenants_per_run: int) -> ErpAsset
             }
         )
 
-    def load(context: dg.AssetExecutionContext, what: str, months: list[dt.date]) -> Iterator[dg.AssetMaterialization]:
+    def load(context: dg.AssetExecutionContext, what: str, months: list[dt.date]) -> Generator[dg.AssetMaterialization, None, LoadOutcome]:
         warehouse = getattr(context.resources, WAREHOUSE).get()
         wanted = list(context.partition_keys)
         active = warehouse.active_clients(erp, wanted)
-        failures = {
-            org: f"tenant {org} is not an active {erp} client (revoked, rejected or never listed). "
-            f"Fix: run {erp}/clients; if access was withdrawn, the client must grant it again."
-            for org in wanted
-            if org not in active
-        }
+        outcome = LoadOutcome(erp, wanted)
+        for org in wanted:
+            if org not in active:
+                outcome.failures[org] = (
+                    f"tenant {org} is not an active {erp} client (revoked, rejected or never listed). "
+                    f"Fix: run {erp}/clients; if access was withdrawn, the client must grant it again."
+                )
         connector = getattr(context.resources, erp).connector()
-        batches = _closing_iter(
+        batches = closing_iter(
             connector,
             load_tenants(
                 connector, warehouse, [active[o] for o in wanted if o in active],
                 what=(what,), months=months, run_id=context.run_id,
             ),
         )
-        loaded = rows = 0
         for batch in iterate_sync(batches):
-            loaded += len(batch.loaded)
-            rows += batch.rows
+            outcome.rows += batch.rows
             for extract in batch.loaded:
+                outcome.loaded.append(extract.client.org_number)
                 yield dg.AssetMaterialization(
                     asset_key=context.asset_key, partition=extract.client.org_number,
                     metadata=_tenant_metadata(extract, what, months),
                 )
             for extract in batch.failed:
-                failures[extract.client.org_number] = str(extract.error)
+                outcome.failures[extract.client.org_number] = str(extract.error)
                 context.log.error(str(extract.error))
         window = f", months {months[0]:%Y-%m}..{months[-1]:%Y-%m}" if months else ""
         context.log.info(
-            f"{erp} {what}: {loaded} tenants loaded ({rows} rows), {len(failures)} failed{window}; "
-            f"http: {connector_stats(connector)}"
+            f"{erp} {what}: {len(outcome.loaded)} tenants loaded ({outcome.rows} rows), "
+            f"{len(outcome.failures)} failed{window}; http: {connector_stats(connector)}"
         )
-        if failures:
-            shown = "\n".join(f"- {message}" for message in list(failures.values())[:25])
-            more = f"\n... and {len(failures) - 25} more" if len(failures) > 25 else ""
-            raise dg.Failure(
-                description=f"{len(failures)} of {len(wanted)} {erp} tenants failed ({loaded} loaded):\n{shown}{more}",
-                metadata={"failed_tenants": dg.MetadataValue.json(sorted(failures)), "tenants_loaded": loaded},
-                allow_retries=False,
-            )
+        return outcome
 
     @dg.asset(
         key=accounts_key,
@@ -173,50 +168,58 @@ def build_erp_assets(erp_config: ErpConfig, *, tenants_per_run: int) -> ErpAsset
         **partitioned,
     )
     def accounts(context: dg.AssetExecutionContext) -> Iterator[dg.AssetMaterialization]:
-        yield from load(context, ACCOUNTS, [])
+        outcome = yield from load(context, ACCOUNTS, [])
+        outcome.raise_for_failures()
 
     @dg.asset(
         key=balances_key,
         description=f"Monthly account balances per tenant from {connector_class.display_name}: opening, "
-        "movement, closing in NOK, debit positive, DECIMAL(18,2).",
+        "movement, closing in NOK, debit positive, DECIMAL(18,2). Its checks verify the tenants each run loads.",
+        check_specs=[dg.AssetCheckSpec(name, asset=balances_key, description=quality.CHECKS[name][0])
+                     for name in quality.CHECKS],
         **common,
         **partitioned,
     )
-    def balances(context: dg.AssetExecutionContext, config: BalanceWindow) -> Iterator[dg.AssetMaterialization]:
+    def balances(context: dg.AssetExecutionContext, config: BalanceWindow) -> Iterator:
         months = config.months(erp_config.history_start, full_by_default=connector_class.full_sync_by_default)
-        yield from load(context, BALANCES, months)
+        outcome = yield from load(context, BALANCES, months)
+        warehouse = getattr(context.resources, WAREHOUSE).get()
+        for name in quality.CHECKS:
+            count, sample = quality.run_check(warehouse, erp, name, tenants=outcome.loaded)
+            yield dg.AssetCheckResult(
+                check_name=name,
+                passed=count == 0,
+                severity=dg.AssetCheckSeverity.ERROR,
+                metadata={"violations": count, "tenants_checked": len(outcome.loaded),
+                          "sample": dg.MetadataValue.md(_rows_table(sample) if sample else "none")},
+            )
+        outcome.raise_for_failures()
 
-    checks = [_integrity_check(erp, balances_key, name) for name in quality.CHECKS]
-    return ErpAssets(erp, connector_class, partitions, clients_key, accounts_key, balances_key, [clients, accounts, balances], checks)
+    return ErpAssets(erp, connector_class, partitions, clients_key, accounts_key, balances_key, [clients, accounts, balances])
 
-def _integrity_check(erp: str, asset_key: dg.AssetKey, name: str) -> dg.AssetChecksDefinition:
-    description, _ = quality.CHECKS[name]
 
-    @dg.asset_check(
-        asset=asset_key, name=name, description=description, blocking=False, required_resource_keys={WAREHOUSE}
-    )
-    def check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        count, sample = quality.run_check(getattr(context.resources, WAREHOUSE).get(), erp, name)
-        return dg.AssetCheckResult(
-            passed=count == 0,
-            severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"violations": count, "sample": dg.MetadataValue.md(_rows_table(sample)) if sample else ""},
+@dataclasses.dataclass
+class LoadOutcome:
+    """Which of a run's tenants landed and which failed (org number → message)."""
+
+    erp: str
+    wanted: list[str]
+    loaded: list[str] = dataclasses.field(default_factory=list)
+    failures: dict[str, str] = dataclasses.field(default_factory=dict)
+    rows: int = 0
+
+    def raise_for_failures(self) -> None:
+        """Fail the step after the loaded tenants were recorded, so only the failed ones show as failed."""
+        if not self.failures:
+            return
+        shown = "\n".join(f"- {message}" for message in list(self.failures.values())[:25])
+        more = f"\n... and {len(self.failures) - 25} more" if len(self.failures) > 25 else ""
+        raise dg.Failure(
+            description=f"{len(self.failures)} of {len(self.wanted)} {self.erp} tenants failed "
+            f"({len(self.loaded)} loaded):\n{shown}{more}",
+            metadata={"failed_tenants": dg.MetadataValue.json(sorted(self.failures)), "tenants_loaded": len(self.loaded)},
+            allow_retries=False,
         )
-
-    return check
-
-async def _closing(connector, awaitable):
-    try:
-        return await awaitable
-    finally:
-        await connector.aclose()
-
-async def _closing_iter(connector, batches: AsyncIterator[LoadedBatch]) -> AsyncIterator[LoadedBatch]:
-    try:
-        async for batch in batches:
-            yield batch
-    finally:
-        await connector.aclose()
 
 def connector_stats(connector) -> dict:
     api = getattr(connector, "api", None)

@@ -19,12 +19,11 @@ def build_definitions(environ: Mapping[str, str] | None = None) -> dg.Definition
             fix="set the credentials of at least one ERP (e.g. TRIPLETEX_CONSUMER_TOKEN and "
             "TRIPLETEX_EMPLOYEE_TOKEN, or SAFT_DROP_DIR); see .env.example",
         )
-    assets, checks, sensors, schedules = [], [], [], []
+    assets, sensors, schedules = [], [], []
     resources: dict = {WAREHOUSE: WarehouseResource(path=config.warehouse_path)}
     for erp_config in config.erps:
-        built = build_erp_assets(erp_config, tenants_per_run=config.tenants_per_run)
+        built = build_erp_assets(erp_config)
         assets += built.assets
-        checks += built.checks
         sensors.append(build_client_access_sensor(built, chunk_size=config.tenants_per_run))
         if erp_config.plugin.connector_class.scheduled_refresh:
             schedules.append(build_daily_balance_schedule(built, chunk_size=config.tenants_per_run))
@@ -33,7 +32,6 @@ def build_definitions(environ: Mapping[str, str] | None = None) -> dg.Definition
         )
     return dg.Definitions(
         assets=assets,
-        asset_checks=checks,
         sensors=sensors,
         schedules=schedules,
         resources=resources,

@@ -339,7 +339,6 @@ class RateLimiter:
 
     def on_rate_limited(self, headers: Mapping[str, str], names: RateLimitHeaders | None) -> float:
         """A 429: pause every request of this credential; returns the pause in seconds."""
-        self._consecutive_429s += 1
         now = self._clock()
         ticket = _TICKET.get() or _Ticket(self._seq, now, now)
         if self._credits is not None:
@@ -347,8 +346,9 @@ class RateLimiter:
         delay = _retry_after_seconds(headers.get("retry-after"))
         if delay is None and names is not None:
             delay = self._reset_seconds(headers, names)
-        if delay is None and ticket.sent < self._incident_at:
+        if delay is None and ticket.sent <= self._incident_at:
             return max(0.0, self._paused_until - now)  # part of the incident already paused for
+        self._consecutive_429s += 1
         if delay is None:
             self._incident_at = now
             delay = self._model_delay(now, ticket)
@@ -669,6 +669,8 @@ async def consistent_offset_list(
                     break
             for item in page:
                 key = identity(item)
+                if key is None:  # no key: the caller's schema check refuses the row
+                    continue
                 if key in seen:
                     problem = problem or f"duplicate:{key}"
                 seen.add(key)

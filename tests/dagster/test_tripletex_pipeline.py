@@ -45,7 +45,10 @@ def test_clients_register_partitions_and_reject_invalid_numbers(tripletex):
 def test_balances_equal_the_truth_ledger_to_the_ore_and_rerun_is_idempotent(tripletex):
     materialize_clients(tripletex)
     keys = tripletex.instance.get_dynamic_partitions("tripletex_tenants")
-    assert materialize_tenants(tripletex, keys[0], keys[-1]).success
+    first_run = materialize_tenants(tripletex, keys[0], keys[-1])
+    assert first_run.success
+    evaluations = {e.check_name: e.passed for e in first_run.get_asset_check_evaluations()}
+    assert evaluations == {name: True for name in quality.CHECKS}
     for tenant in tripletex.ledger.valid_tenants:
         assert landed_balances(tripletex.warehouse, tenant.org_number) == truth_balances(tenant)
     snapshot = tripletex.warehouse.query(

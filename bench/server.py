@@ -98,8 +98,9 @@ class SandboxProcess:
         return self._process.pid if self._process else None
 
     # -- admin
-    def stats(self) -> dict[str, Any]:
-        return self._admin.get("/stats").raise_for_status().json()
+    def stats(self, *, log: bool = False) -> dict[str, Any]:
+        """Request counts; with `log`, also the sandbox's request log (its last 20,000 requests)."""
+        return self._admin.get("/stats", params={"log": 20_000} if log else None).raise_for_status().json()
 
     def reset_stats(self) -> None:
         self._admin.post("/stats/reset").raise_for_status()

@@ -265,20 +265,20 @@ class ChaosReport:
                     or self.over_bound or self.pause_violations)
 
     def summary(self) -> str:
+        injected = self.http_429s_sent - self.http_429s_from_limit
         lines = [
             f"chaos run: {self.erp}, {self.tenants} tenants, {self.seconds:.1f} s",
-            f"  tenants ok / failed:   {self.tenants_ok} / {self.tenants_failed} "
-            f"(expected failures: {self.expected_failures}; rejected by the client rules: {self.tenants_rejected})",
+            (f"  tenants ok / failed:   {self.tenants_ok} / {self.tenants_failed} (expected failures: "
+             f"{self.expected_failures}; rejected by the client rules: {self.tenants_rejected})"),
             f"  rows lost:             {self.rows_lost}  (of {self.rows_expected} expected, {self.rows_landed} landed)",
             f"  rows duplicated:       {self.rows_duplicated}",
-            f"  rows wrong:            {self.rows_wrong}; accounts duplicated/wrong: "
-            f"{self.accounts_duplicated}/{self.accounts_wrong}; failed tenants' previous rows touched: "
-            f"{self.failed_tenants_touched}",
+            (f"  rows wrong:            {self.rows_wrong}; accounts duplicated/wrong: {self.accounts_duplicated}/"
+             f"{self.accounts_wrong}; failed tenants' previous rows touched: {self.failed_tenants_touched}"),
             f"  retries:               {self.retries}",
-            f"  429s received:         {self.http_429s_received} (sandbox sent {self.http_429s_sent}: "
-            f"{self.http_429s_sent - self.http_429s_from_limit} injected, {self.http_429s_from_limit} from its rate limit)",
-            f"  requests:              {self.requests}; per tenant: clean ≤ {self.requests_per_tenant_clean}, "
-            f"max {self.requests_per_tenant_max}, bound {self.requests_per_tenant_bound}",
+            (f"  429s received:         {self.http_429s_received} (sandbox sent {self.http_429s_sent}: "
+             f"{injected} injected, {self.http_429s_from_limit} from its rate limit)"),
+            (f"  requests:              {self.requests}; per tenant: clean ≤ {self.requests_per_tenant_clean}, "
+             f"max {self.requests_per_tenant_max}, bound {self.requests_per_tenant_bound}"),
             f"  sessions minted:       {self.sessions_minted} (bound {self.session_bound})",
             "  faults fired:          " + ", ".join(f"{k}={v}" for k, v in sorted(self.faults_fired.items())),
         ]

@@ -1,10 +1,38 @@
 """The error taxonomy every connector maps its failures to.
 
 Each error can carry the tenant it concerns, so a message always names the client and the fix.
-Messages never contain credentials: build them from names and numbers only.
+Messages never contain credentials: build them from names and numbers only. As a second line of
+defence, connectors `register_secret` every credential they hold or receive (tokens, session
+tokens), and every `ErpError` message is passed through `redact`: an ERP that echoes a token back
+in an error body cannot carry it into a log, an event or the warehouse.
 """
 
 from __future__ import annotations
+
+import threading
+
+REDACTED = "[redacted]"
+_MIN_SECRET = 8  # shorter strings would redact ordinary words
+_secrets: set[str] = set()
+_secrets_lock = threading.Lock()
+
+
+def register_secret(*values: str | None) -> None:
+    """Remember credential values of this process, so `redact` hides them wherever they appear."""
+    with _secrets_lock:
+        _secrets.update(v for v in values if v and len(v) >= _MIN_SECRET)
+
+
+def redact(text: str) -> str:
+    """`text` with every registered secret replaced by [redacted]."""
+    if not _secrets or not text:
+        return text
+    with _secrets_lock:
+        secrets = sorted(_secrets, key=len, reverse=True)
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
 
 
 class ErpError(Exception):
@@ -16,7 +44,7 @@ class ErpError(Exception):
         self.erp = erp
         self.tenant = tenant
         self.fix = fix
-        self.detail = message
+        self.detail = redact(message)
         super().__init__(self._compose())
 
     def _compose(self) -> str:
@@ -29,7 +57,7 @@ class ErpError(Exception):
         text = " ".join(parts)
         if self.fix:
             text += f" Fix: {self.fix}"
-        return text
+        return redact(text)
 
     def for_tenant(self, tenant: str) -> "ErpError":
         """The same error, labelled with the tenant it happened for."""

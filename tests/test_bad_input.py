@@ -12,7 +12,14 @@ from erp_pipelines.defs.build import build_definitions
 from erp_pipelines.erps.extract import ACCOUNTS, BALANCES
 from erp_pipelines.erps.tripletex import TripletexConnector
 from erp_pipelines.errors import BadResponse, ConfigError
-from erp_pipelines.model import Balance, Client, ClientStatus, classify_clients, months_between, normalise_tenant_id
+from erp_pipelines.model import (
+    Balance,
+    Client,
+    ClientStatus,
+    classify_clients,
+    months_between,
+    normalise_tenant_id,
+)
 from erp_pipelines.pipeline import load_tenants, refresh_clients
 from erp_pipelines.sandbox.ledger import generate_ledger, make_org_number
 from erp_pipelines.sandbox.tripletex import TripletexSandbox
@@ -124,7 +131,7 @@ def test_invalid_and_duplicate_organisation_numbers_are_rejected_and_nothing_is_
     """generate_ledger's fixtures: no number, a bad check digit, and two clients sharing one number."""
     ledger = generate_ledger(3, first_month=MONTHS[0], last_month=MONTHS[-1])
     sandbox, connector, warehouse = _sandbox_world(tmp_path, ledger)
-    listed, change, failed = asyncio.run(_run(connector, warehouse))
+    _, change, failed = asyncio.run(_run(connector, warehouse))
     rejected = {c.name: c.status_reason for c in change.rejected}
     assert set(rejected) == {"Uten Orgnr Testklient", "Feil Kontrollsiffer AS", "Dobbel Registrert AS",
                              "Dobbel Registrert Kopi AS"}

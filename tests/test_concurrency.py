@@ -24,7 +24,8 @@ FIRST = add_months(THIS_MONTH, -2)
 RANGES = [(0, 3), (1, 4), (2, 5), (0, 5), (3, 5), (0, 2), (1, 3), (2, 4)]  # eight runs, every tenant in several
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_eight_concurrent_multiprocess_runs_over_overlapping_tenants(tmp_path, monkeypatch):
     ledger = generate_ledger(6, first_month=FIRST, last_month=THIS_MONTH)
     sandbox = TripletexSandbox(ledger)

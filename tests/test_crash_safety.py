@@ -19,7 +19,7 @@ from erp_pipelines.warehouse import Warehouse
 
 SUPPORT = Path(__file__).with_name("crash_support.py")
 sys.path.insert(0, str(SUPPORT.parent))
-import crash_support  # noqa: E402
+import crash_support
 
 
 @contextlib.contextmanager
@@ -31,7 +31,7 @@ def victim(*args: str, marker: Path, timeout: float = 90.0):
         deadline = time.monotonic() + timeout
         while not marker.exists():
             if process.poll() is not None:
-                out, err = process.communicate()
+                _, err = process.communicate()
                 pytest.fail(f"the victim ended before the write (exit {process.returncode}):\n{err.decode()[-3000:]}")
             assert time.monotonic() < deadline, "the victim never reached the write"
             time.sleep(0.02)

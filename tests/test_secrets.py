@@ -147,3 +147,34 @@ def test_the_scan_finds_a_planted_secret(tmp_path):
     (tmp_path / "f.bin").write_bytes(b"\x00\x01s3cret-token-value")
     assert scan.files(tmp_path)
     assert not scan.text("clean", "nothing to see")
+
+
+def test_an_erp_echoing_a_token_in_its_error_body_cannot_carry_it_into_a_message():
+    """Second line of defence: connectors register their credentials, and every ErpError message is
+    redacted, so an ERP that echoes a token back (in `message`) leaks it nowhere."""
+    import asyncio
+
+    import httpx
+
+    from erp_pipelines.erps.tripletex import TripletexConnector
+    from erp_pipelines.errors import AuthError
+
+    consumer = f"echoed-consumer-{uuid.uuid4().hex}"
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(422, json={"status": 422, "code": 18000,
+                                         "message": f"consumerToken {consumer} is not valid here",
+                                         "validationMessages": [{"field": "consumerToken",
+                                                                 "message": "The consumer token is invalid."}]})
+
+    async def scenario():
+        async with TripletexConnector(base_url="http://tripletex.test/v2", consumer_token=consumer,
+                                      employee_token=f"employee-{uuid.uuid4().hex}",
+                                      transport=httpx.MockTransport(answer)) as connector:
+            await connector.list_clients()
+
+    with pytest.raises(AuthError) as caught:
+        asyncio.run(scenario())
+    message = str(caught.value)
+    assert consumer not in message and consumer not in caught.value.detail
+    assert "[redacted]" in message and "TRIPLETEX_CONSUMER_TOKEN" in message

@@ -98,7 +98,7 @@ class Connector(abc.ABC):
     @abc.abstractmethod
     async def fetch_balances(self, client: Client, months: list[dt.date]) -> list[Balance]: ...
 
-    async def verify_tenant(self, client: Client) -> None:  # noqa: B027 - optional hook
+    async def verify_tenant(self, client: Client) -> None:
         """Raise `TenantMismatch` unless the ERP says it is answering for `client` (organisation
         number, company id). API connectors implement it; sources whose records carry their own
         identity (SAF-T files) check it while parsing and keep this no-op."""

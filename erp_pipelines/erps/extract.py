@@ -14,7 +14,7 @@ import datetime as dt
 from collections.abc import AsyncIterator, Iterable
 
 from erp_pipelines.erps.base import Connector
-from erp_pipelines.errors import BadResponse, ErpError
+from erp_pipelines.errors import BadResponse, ErpError, redact
 from erp_pipelines.model import Client, TenantExtract
 
 ACCOUNTS = "accounts"
@@ -43,10 +43,10 @@ async def extract_tenant(
         result.error = exc.for_tenant(client.label)
         result.accounts, result.balances, result.findings = [], [], None
     except Exception as exc:  # a bug or an unexpected payload must still stay on its tenant
-        result.error = RuntimeError(
+        result.error = RuntimeError(redact(
             f"{client.label}: unexpected {type(exc).__name__}: {exc} Fix: this is a bug in the "
             f"{connector.erp} connector; retry the partition, and report it with the run's logs if it recurs"
-        )
+        ))
         result.accounts, result.balances, result.findings = [], [], None
     return result
 

@@ -697,6 +697,8 @@ async def gather_all(*awaitables: Awaitable[Any]) -> list[Any]:
     """Like `asyncio.gather`, but the first failure cancels the others (and waits for them) before
     it is raised: a failed tenant leaves no requests running behind it."""
     tasks = [asyncio.ensure_future(a) for a in awaitables]
+    if not tasks:
+        return []
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     finally:

@@ -23,7 +23,15 @@ from erp_pipelines.erps.http import (
     consistent_offset_list,
     gather_all,
 )
-from erp_pipelines.errors import AuthError, BadResponse, ClientAccessError, ErpError, TenantMismatch, UpstreamError
+from erp_pipelines.errors import (
+    AuthError,
+    BadResponse,
+    ClientAccessError,
+    ErpError,
+    TenantMismatch,
+    UpstreamError,
+    register_secret,
+)
 from erp_pipelines.model import Account, Balance, Client, add_months, kroner, normalise_tenant_id
 from erp_pipelines.tokens import TokenStore, credential_key
 
@@ -83,6 +91,7 @@ class TripletexConnector(Connector):
         token_store: TokenStore | None = None,
     ) -> None:
         super().__init__(base_url=base_url)
+        register_secret(consumer_token, employee_token)  # redacted from every error message
         self._consumer_token = consumer_token
         self._employee_token = employee_token
         self._session_days = session_days
@@ -131,6 +140,7 @@ class TripletexConnector(Connector):
             if self._token_store is not None:
                 cached = await asyncio.to_thread(self._cached_session)
                 if self._fresh(cached, stale):
+                    register_secret(cached[0])
                     self._session = cached
                     return cached[0]
             expires = self._oslo_today() + dt.timedelta(days=self._session_days)
@@ -146,6 +156,7 @@ class TripletexConnector(Connector):
             token = (body.get("value") or {}).get("token") if isinstance(body, dict) else None
             if not isinstance(token, str) or not token:
                 raise BadResponse("session token response has no value.token", erp=self.erp)
+            register_secret(token)
             self._session = (token, expires)
             self.sessions_minted += 1
             if self._token_store is not None:

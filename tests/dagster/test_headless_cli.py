@@ -46,7 +46,7 @@ def headless(tmp_path):
         def materialize(*args: str) -> subprocess.CompletedProcess:
             return subprocess.run(
                 [str(DAGSTER), "asset", "materialize", "-m", "erp_pipelines.definitions", *args],
-                cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+                check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
             )
 
         yield ledger, home, Warehouse(env["ERP_WAREHOUSE_PATH"]), materialize

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from sandbox_env import dagster_home, tripletex_env
 
 from erp_pipelines.defs.build import build_definitions
 from erp_pipelines.model import add_months, months_between
@@ -29,19 +30,9 @@ RANGES = [(0, 3), (1, 4), (2, 5), (0, 5), (3, 5), (0, 2), (1, 3), (2, 4)]  # eig
 def test_eight_concurrent_multiprocess_runs_over_overlapping_tenants(tmp_path, monkeypatch):
     ledger = generate_ledger(6, first_month=FIRST, last_month=THIS_MONTH)
     sandbox = TripletexSandbox(ledger)
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    home = dagster_home(tmp_path)
     with serve(sandbox.app, path="/v2") as url:
-        env = {
-            "DAGSTER_HOME": str(home),
-            "ERP_WAREHOUSE_PATH": str(tmp_path / "warehouse.duckdb"),
-            "ERP_SOURCES": "tripletex",
-            "TRIPLETEX_BASE_URL": url,
-            "TRIPLETEX_CONSUMER_TOKEN": sandbox.consumer_token,
-            "TRIPLETEX_EMPLOYEE_TOKEN": sandbox.accountant_employee_token,
-            "TRIPLETEX_HISTORY_START": FIRST.isoformat(),
-        }
+        env = tripletex_env(sandbox, url, tmp_path, DAGSTER_HOME=str(home), TRIPLETEX_HISTORY_START=FIRST.isoformat())
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         with dg.DagsterInstance.get() as instance:

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import dagster as dg
 import httpx
 import pytest
+from sandbox_env import tripletex_env
 from dagster._core.storage.partition_status_cache import get_and_update_asset_status_cache_value
 
 from erp_pipelines.chaos import Trigger, TriggerMiddleware
@@ -33,14 +34,7 @@ def world(tmp_path, monkeypatch):
     app = TriggerMiddleware(sandbox.app, sandbox.harness.profile, triggers)
     (tmp_path / "dagster").mkdir()
     with serve(app, path="/v2") as url, dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
-        env = {
-            "ERP_WAREHOUSE_PATH": str(tmp_path / "warehouse.duckdb"),
-            "ERP_SOURCES": "tripletex",
-            "TRIPLETEX_BASE_URL": url,
-            "TRIPLETEX_CONSUMER_TOKEN": sandbox.consumer_token,
-            "TRIPLETEX_EMPLOYEE_TOKEN": sandbox.accountant_employee_token,
-            "TRIPLETEX_HISTORY_START": FIRST.isoformat(),
-        }
+        env = tripletex_env(sandbox, url, tmp_path, TRIPLETEX_HISTORY_START=FIRST.isoformat())
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         defs = build_definitions(env)

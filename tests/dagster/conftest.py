@@ -9,6 +9,7 @@ from erp_pipelines.sandbox.common import serve
 from erp_pipelines.sandbox.ledger import generate_ledger
 from erp_pipelines.sandbox.tripletex import TripletexSandbox
 from erp_pipelines.warehouse import Warehouse
+from sandbox_env import tripletex_env
 from tripletex_support import HISTORY_START, THIS_MONTH
 
 
@@ -20,15 +21,8 @@ def tripletex(tmp_path, monkeypatch):
     ledger = generate_ledger(6, first_month=HISTORY_START, last_month=THIS_MONTH)
     sandbox = TripletexSandbox(ledger)
     with serve(sandbox.app, path="/v2") as url, dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
-        env = {
-            "ERP_WAREHOUSE_PATH": str(tmp_path / "warehouse.duckdb"),
-            "TRIPLETEX_BASE_URL": url,
-            "TRIPLETEX_CONSUMER_TOKEN": sandbox.consumer_token,
-            "TRIPLETEX_EMPLOYEE_TOKEN": sandbox.accountant_employee_token,
-            "TRIPLETEX_HISTORY_START": HISTORY_START.isoformat(),
-            "ERP_TENANTS_PER_RUN": "3",
-            "ERP_SOURCES": "tripletex",
-        }
+        env = tripletex_env(sandbox, url, tmp_path, TRIPLETEX_HISTORY_START=HISTORY_START.isoformat(),
+                            ERP_TENANTS_PER_RUN="3")
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         defs = build_definitions(env)

@@ -109,7 +109,7 @@ async def load_tenants(
     months: list[dt.date],
     run_id: str | None = None,
     batch_tenants: int = 200,
-    tenant_concurrency: int = 32,
+    tenant_concurrency: int = 64,
 ) -> AsyncIterator[LoadedBatch]:
     """Extract `clients` and write them in batches of `batch_tenants`, yielding each batch once it
     is written. A batch is written in a worker thread while the next one is extracted (at most one

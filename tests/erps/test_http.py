@@ -240,3 +240,35 @@ def test_published_limits_are_data_in_one_place():
     assert PUBLISHED_RATE_LIMITS["vismanet"].requests_per_second is None
     fiken = RateLimiter.for_rate_limit(PUBLISHED_RATE_LIMITS["fiken"])
     assert (fiken.requests_per_second, fiken.max_in_flight, fiken.in_flight_ceiling) == (4, 1, 1)
+
+
+def test_sharded_transport_spreads_requests_over_small_pools_and_frees_them():
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from erp_pipelines.erps.http import ShardedTransport
+    from erp_pipelines.sandbox.common import serve
+
+    async def slow(request):
+        await asyncio.sleep(0.05)
+        return JSONResponse({"n": int(request.query_params["n"])})
+
+    transport = ShardedTransport(shards=4, per_shard=2)
+    peak = []
+
+    async def scenario(url):
+        async with httpx.AsyncClient(base_url=url, transport=transport) as client:
+            async def one(n):
+                response = await client.get("/", params={"n": n})
+                peak.append(max(transport._busy))
+                return response.json()["n"]
+
+            answers = await asyncio.gather(*(one(n) for n in range(8)))
+            return answers, list(transport._busy)
+
+    with serve(Starlette(routes=[Route("/", slow)])) as url:
+        answers, busy_after = run(scenario(url))
+    assert answers == list(range(8))
+    assert max(peak) <= 2  # 8 at once over 4 shards of 2: every shard used, none over its size
+    assert busy_after == [0, 0, 0, 0]  # each connection counted free once its body was read

@@ -8,10 +8,9 @@ A connector turns one credential into canonical records (`erp_pipelines.model`):
 - `fetch_balances(client, months)`: per account per month (first-of-month dates): opening,
   movement and closing as `Decimal` NOK, debit positive.
 
-Before returning a tenant's records a connector confirms the ERP answered for that tenant
-(`verify_tenant`), so a misrouted response is refused instead of stored under the wrong company.
-`extract.extract_tenant` calls `verify_tenant` once more after the last read, for every ERP: an
-identity that changed between the guard and the data refuses the data too.
+After a tenant's last read, `extract.extract_tenant` asks the connector to confirm the ERP acted
+for that tenant (`verify_tenant`), for every ERP: an identity that is wrong, or that changed while
+the data was read, refuses the data instead of storing it under the wrong company.
 """
 
 from __future__ import annotations

@@ -26,8 +26,9 @@ async def extract_tenant(
 ) -> TenantExtract:
     """One tenant's records, or the error that stopped them (never both).
 
-    After the last read the tenant guard runs again (`Connector.verify_tenant`): an ERP that
-    switched to another company while the data was read is refused, not stored. Records that
+    After the last read the tenant guard runs (`Connector.verify_tenant`): an ERP that answered
+    for another company, from the start or since some point during the reads, is refused, not
+    stored. (One check after the reads catches both; a check before them would only fail sooner.) Records that
     repeat a key (an account number, or a period and account) are refused as well: a duplicated
     row must never land."""
     result = TenantExtract(client=client)

@@ -559,7 +559,9 @@ class ApiClient:
         while True:
             attempt += 1
             try:
+                queued_at = time.monotonic()
                 async with self.limiter.slot():
+                    self.stats.throttled_seconds += time.monotonic() - queued_at
                     self.stats.requests += 1
                     response = await self._http.request(method, url, params=params, json=json_body, auth=auth)
             except httpx.TransportError as exc:

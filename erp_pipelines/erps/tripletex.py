@@ -251,7 +251,6 @@ class TripletexConnector(Connector):
         return clients
 
     async def fetch_accounts(self, client: Client) -> list[Account]:
-        await self.verify_tenant(client)
         rows = await self._get_all(
             "ledger/account",
             {"fields": "number,name,type,saftCode,groupingCode,isInactive"},
@@ -274,7 +273,6 @@ class TripletexConnector(Connector):
 
     async def fetch_balances(self, client: Client, months: list[dt.date]) -> list[Balance]:
         """One `/balanceSheet` call per month (`dateTo` is exclusive)."""
-        await self.verify_tenant(client)
         per_month = await gather_all(*(self._month_balances(client, month) for month in months))
         return [balance for month in per_month for balance in month]
 
@@ -312,10 +310,9 @@ class TripletexConnector(Connector):
 
     async def verify_tenant(self, client: Client) -> None:
         """Refuse a tenant unless Tripletex says the session acts for that very company (id and
-        organisation number). Called before reading (`fetch_accounts`, `fetch_balances`) and, by
-        `extract_tenant`, once more after the last read: Tripletex's ledger rows do not name their
-        company, so an identity that changed while the data was read (a misrouted session) is only
-        visible to a second whoAmI, and the data read in between is then refused too."""
+        organisation number). `extract_tenant` calls it after the last read: Tripletex's ledger rows
+        do not name their company, so whoAmI after the reads is what shows a misrouted session, and
+        the data read before it is then refused."""
         me = await self._who_am_i(client.erp_client_id, tenant=client.label)
         _require(me, ("companyId", "company"), "token/session/>whoAmI", client.label)
         company = me["company"]

@@ -1,6 +1,7 @@
 """The shared rate limiter (`erps/http.py`), on a fake clock: every figure is exact, nothing sleeps."""
 
 import asyncio
+from decimal import Decimal
 
 import httpx
 import pytest
@@ -272,3 +273,25 @@ def test_sharded_transport_spreads_requests_over_small_pools_and_frees_them():
     assert answers == list(range(8))
     assert max(peak) <= 2  # 8 at once over 4 shards of 2: every shard used, none over its size
     assert busy_after == [0, 0, 0, 0]  # each connection counted free once its body was read
+
+
+def test_api_client_counts_the_time_requests_wait_for_the_limiter():
+    from erp_pipelines.erps.http import ApiClient
+
+    def app_transport(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"value": 1.25})
+
+    async def scenario():
+        client = ApiClient(erp="test", base_url="http://erp.test/", limiter=RateLimiter(20, 4),
+                           transport=httpx.MockTransport(app_transport))
+        try:
+            values = await asyncio.gather(*(client.get_json("x") for _ in range(25)))
+        finally:
+            await client.aclose()
+        return values, client.stats
+
+    values, stats = asyncio.run(scenario())
+    assert stats.requests == 25 and values[0] == {"value": Decimal("1.25")}
+    # a bucket of 20 at 20 req/s: the last 5 requests wait about 0.25 s between them
+    assert stats.throttled_seconds > 0.1
+    assert stats.as_metadata()["throttled_seconds"] == round(stats.throttled_seconds, 3)

@@ -3,13 +3,15 @@ vendor spec in tests/sandbox)."""
 
 import asyncio
 import datetime as dt
+from dataclasses import replace
 
 import httpx
 import pytest
 
 from erp_pipelines.erps import tripletex as tripletex_module
 from erp_pipelines.erps.tripletex import TripletexConnector
-from erp_pipelines.errors import AuthError, ClientAccessError
+from erp_pipelines.erps.extract import ACCOUNTS, BALANCES, extract_tenant
+from erp_pipelines.errors import AuthError, ClientAccessError, TenantMismatch
 from erp_pipelines.model import ClientStatus, classify_clients, months_between
 from erp_pipelines.sandbox.ledger import generate_ledger
 from erp_pipelines.sandbox.tripletex import TripletexSandbox
@@ -169,11 +171,10 @@ def test_own_company_guard_checks_the_organisation_number(ledger):
     async def scenario():
         async with connect(sandbox, employee_token="company-own-key") as connector:
             client = (await connector.list_clients())[0]
-            from dataclasses import replace
+            wrong = replace(client, org_number=ledger.valid_tenants[0].org_number)
+            return await extract_tenant(connector, wrong, what=(ACCOUNTS, BALANCES), months=MONTHS)
 
-            await connector.fetch_accounts(replace(client, org_number=ledger.valid_tenants[0].org_number))
-
-    from erp_pipelines.errors import TenantMismatch
-
-    with pytest.raises(TenantMismatch, match="instead of this tenant"):
-        run(scenario())
+    result = run(scenario())
+    assert isinstance(result.error, TenantMismatch)
+    assert "instead of this tenant" in str(result.error)
+    assert result.accounts == [] and result.balances == []

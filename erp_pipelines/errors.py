@@ -59,7 +59,7 @@ class ErpError(Exception):
             text += f" Fix: {self.fix}"
         return redact(text)
 
-    def for_tenant(self, tenant: str) -> "ErpError":
+    def for_tenant(self, tenant: str) -> ErpError:
         """The same error, labelled with the tenant it happened for."""
         if self.tenant:
             return self

@@ -2,7 +2,14 @@ from decimal import Decimal
 
 import pytest
 
-from erp_pipelines.model import Client, ClientStatus, classify_clients, kroner, months_between, normalise_tenant_id
+from erp_pipelines.model import (
+    Client,
+    ClientStatus,
+    classify_clients,
+    kroner,
+    months_between,
+    normalise_tenant_id,
+)
 from erp_pipelines.sandbox.ledger import make_org_number, make_personal_number
 
 

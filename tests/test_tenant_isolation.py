@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import dagster as dg
 import httpx
 import pytest
-from sandbox_env import tripletex_env
 from dagster._core.storage.partition_status_cache import get_and_update_asset_status_cache_value
+from sandbox_env import tripletex_env
 
 from erp_pipelines.chaos import Trigger, TriggerMiddleware
 from erp_pipelines.defs.build import build_definitions

@@ -4,7 +4,7 @@ from decimal import Decimal
 
 import pytest
 
-from erp_pipelines.model import Account, Balance, Client, ClientStatus
+from erp_pipelines.model import Balance, Client, ClientStatus
 from erp_pipelines.warehouse import Warehouse
 
 JAN, FEB, MAR = dt.date(2026, 1, 1), dt.date(2026, 2, 1), dt.date(2026, 3, 1)

@@ -88,15 +88,16 @@ def build_erp_assets(erp_config: ErpConfig) -> ErpAssets:
     connector_class = erp_config.plugin.connector_class
     partitions = dg.DynamicPartitionsDefinition(name=f"{erp}_tenants")
     clients_key, accounts_key, balances_key = (dg.AssetKey([erp, name]) for name in ("clients", "accounts", "balances"))
-    common = dict(group_name=erp, kinds={"duckdb", "python"}, pool=f"{erp}_api", required_resource_keys={erp, WAREHOUSE})
-    partitioned = dict(
-        partitions_def=partitions,
-        deps=[clients_key],
+    common = {"group_name": erp, "kinds": {"duckdb", "python"}, "pool": f"{erp}_api",
+              "required_resource_keys": {erp, WAREHOUSE}}
+    partitioned = {
+        "partitions_def": partitions,
+        "deps": [clients_key],
         # one run per selected range: what `dagster asset materialize --partition-range` requires;
         # the schedule and the sensor cut their ranges into runs of ERP_TENANTS_PER_RUN themselves
-        backfill_policy=dg.BackfillPolicy.single_run(),
-        output_required=False,
-    )
+        "backfill_policy": dg.BackfillPolicy.single_run(),
+        "output_required": False,
+    }
 
     @dg.asset(
         key=clients_key,

@@ -43,7 +43,7 @@ async def extract_tenant(
     except ErpError as exc:
         result.error = exc.for_tenant(client.label)
         result.accounts, result.balances, result.findings = [], [], None
-    except Exception as exc:  # a bug or an unexpected payload must still stay on its tenant
+    except Exception as exc:  # noqa: BLE001 - a bug or an unexpected payload must stay on its tenant
         result.error = RuntimeError(redact(
             f"{client.label}: unexpected {type(exc).__name__}: {exc} Fix: this is a bug in the "
             f"{connector.erp} connector; retry the partition, and report it with the run's logs if it recurs"

@@ -566,28 +566,20 @@ class ApiClient:
                     response = await self._http.request(method, url, params=params, json=json_body, auth=auth)
             except httpx.TransportError as exc:
                 self.stats.transport_errors += 1
-                if attempt >= self.retry.max_attempts:
-                    raise UpstreamError(
-                        f"{method} {path} failed after {attempt} attempts: {type(exc).__name__}",
-                        erp=self.erp,
-                        tenant=tenant,
-                        fix="the ERP did not answer; retry the partition later",
-                    ) from None
-                await self._sleep_before_retry(attempt)
+                await self._retry_or_give_up(
+                    attempt, UpstreamError, f"{method} {path} failed after {attempt} attempts: {type(exc).__name__}",
+                    "the ERP did not answer; retry the partition later", tenant,
+                )
                 continue
             self.stats.by_status[response.status_code] += 1
             if response.status_code == 429:
                 self.stats.rate_limited += 1
                 pause = self.limiter.on_rate_limited(response.headers, self.rate_limit_headers)
-                if attempt >= self.retry.max_attempts:
-                    raise RateLimited(
-                        f"{method} {path} still rate limited after {attempt} attempts",
-                        erp=self.erp,
-                        tenant=tenant,
-                        fix="lower the concurrency for this credential or retry later",
-                    )
                 log.debug("%s %s: 429, pausing %.2fs", method, path, pause)
-                self.stats.retries += 1
+                await self._retry_or_give_up(  # the limiter's pause is the back-off
+                    attempt, RateLimited, f"{method} {path} still rate limited after {attempt} attempts",
+                    "lower the concurrency for this credential or retry later", tenant, back_off=False,
+                )
                 continue
             self.limiter.observe_headers(response.headers, self.rate_limit_headers)
             if response.is_success and not decode:
@@ -596,30 +588,37 @@ class ApiClient:
                 try:
                     return decode_json(response)
                 except ValueError:  # truncated or malformed: retried like a dropped connection
-                    if attempt >= self.retry.max_attempts:
-                        raise BadResponse(
-                            f"{method} {path} returned malformed JSON {attempt} times",
-                            erp=self.erp,
-                            tenant=tenant,
-                            fix="the ERP returned a broken payload; retry the partition later",
-                        ) from None
-                    await self._sleep_before_retry(attempt)
+                    await self._retry_or_give_up(
+                        attempt, BadResponse, f"{method} {path} returned malformed JSON {attempt} times",
+                        "the ERP returned a broken payload; retry the partition later", tenant,
+                    )
                     continue
             body = _safe_json(response)
             mapped = self.map_error(response, body) if self.map_error else None
             if mapped is None and response.status_code in RETRY_STATUSES:
-                if attempt < self.retry.max_attempts:
-                    await self._sleep_before_retry(attempt)
-                    continue
-                mapped = UpstreamError(
-                    f"{method} {path} answered HTTP {response.status_code} after {attempt} attempts",
-                    erp=self.erp,
-                    fix="the ERP is failing; retry the partition later",
+                await self._retry_or_give_up(
+                    attempt, UpstreamError, f"{method} {path} answered HTTP {response.status_code} after {attempt} attempts",
+                    "the ERP is failing; retry the partition later", tenant,
                 )
+                continue
             if mapped is None:
                 mapped = BadResponse(f"{method} {path} answered HTTP {response.status_code}", erp=self.erp)
             mapped.attempts = attempt
             raise mapped.for_tenant(tenant) if tenant else mapped
+
+    async def _retry_or_give_up(
+        self, attempt: int, error_class: type[ErpError], message: str, fix: str, tenant: str | None,
+        *, back_off: bool = True,
+    ) -> None:
+        """Return when the attempt budget allows another try (after backing off); else raise."""
+        if attempt >= self.retry.max_attempts:
+            error = error_class(message, erp=self.erp, tenant=tenant, fix=fix)
+            error.attempts = attempt
+            raise error from None
+        if back_off:
+            await self._sleep_before_retry(attempt)
+        else:
+            self.stats.retries += 1
 
     async def get_json(self, path: str, *, params=None, auth=None, tenant: str | None = None,
                        first_attempt: int = 1) -> Any:

@@ -3,15 +3,14 @@ from types import SimpleNamespace
 import dagster as dg
 import httpx
 import pytest
+from sandbox_env import tripletex_env
+from tripletex_support import HISTORY_START, THIS_MONTH
 
 from erp_pipelines.defs.build import build_definitions
 from erp_pipelines.sandbox.common import serve
 from erp_pipelines.sandbox.ledger import generate_ledger
 from erp_pipelines.sandbox.tripletex import TripletexSandbox
 from erp_pipelines.warehouse import Warehouse
-from sandbox_env import tripletex_env
-from tripletex_support import HISTORY_START, THIS_MONTH
-
 
 
 @pytest.fixture

@@ -5,10 +5,15 @@ import json
 from zoneinfo import ZoneInfo
 
 import dagster as dg
-from tripletex_support import (
-    HISTORY_START, THIS_MONTH, landed_balances, materialize_clients, materialize_tenants, truth_balances,
-)
 from dagster._core.storage.partition_status_cache import get_and_update_asset_status_cache_value
+from tripletex_support import (
+    HISTORY_START,
+    THIS_MONTH,
+    landed_balances,
+    materialize_clients,
+    materialize_tenants,
+    truth_balances,
+)
 
 from erp_pipelines import quality
 from erp_pipelines.defs.runs import RANGE_END, RANGE_START

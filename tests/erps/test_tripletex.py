@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from erp_pipelines.erps import tripletex as tripletex_module
-from erp_pipelines.erps.tripletex import TripletexConnector
 from erp_pipelines.erps.extract import ACCOUNTS, BALANCES, extract_tenant
+from erp_pipelines.erps.tripletex import TripletexConnector
 from erp_pipelines.errors import AuthError, ClientAccessError, TenantMismatch
 from erp_pipelines.model import ClientStatus, classify_clients, months_between
 from erp_pipelines.sandbox.ledger import generate_ledger
@@ -49,7 +49,7 @@ def test_accountant_key_lists_clients_and_fetches_exact_balances(ledger):
             balances = [b for b in await connector.fetch_balances(client, MONTHS) if not b.is_zero]
             return clients, client, balances, await connector.fetch_accounts(client)
 
-    clients, client, balances, accounts = run(scenario())
+    clients, _, balances, accounts = run(scenario())
     assert [c.erp_client_id for c in clients] == [str(t.erp_client_id) for t in ledger.tenants]
     assert [c.status == ClientStatus.OK for c in clients] == [t.expected_status == "ok" for t in ledger.tenants]
     tenant = ledger.valid_tenants[0]
@@ -97,7 +97,7 @@ def test_session_is_reminted_after_expiry_and_once_per_401(ledger):
             balances = [b for b in await connector.fetch_balances(client, MONTHS) if not b.is_zero]
             return balances, connector
 
-    balances, connector = run(scenario())
+    balances, _ = run(scenario())
     assert len(balances) == len(ledger.tenants[0].expected_balances(MONTHS))
     creates = sandbox.stats.requests(template="POST /v2/token/session/:create")
     assert len(creates) == 2

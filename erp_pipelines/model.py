@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 from collections import Counter
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
@@ -141,6 +142,16 @@ def classify_clients(clients: list[Client]) -> list[Client]:
             )
         result.append(client)
     return result
+
+
+def first_repeat(keys: Iterable[Hashable]) -> Hashable | None:
+    """The first key that occurs a second time, or None (duplicate rows must never land)."""
+    seen: set[Hashable] = set()
+    for key in keys:
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
 
 
 # ---------------------------------------------------------------------------------------- periods

@@ -24,7 +24,7 @@ import duckdb
 import pyarrow as pa
 from filelock import FileLock
 
-from erp_pipelines.model import Account, Balance, Client, ClientStatus
+from erp_pipelines.model import Account, Balance, Client, ClientStatus, first_repeat
 
 MONEY = pa.decimal128(18, 2)
 
@@ -411,11 +411,9 @@ class Warehouse:
 
 
 def _refuse_repeats(erp: str, org: str, what: str, keys: Iterable[Any]) -> None:
-    seen: set[Any] = set()
-    for key in keys:
-        if key in seen:
-            raise ValueError(f"{erp} {org}: {what} {key} appears twice in one write; nothing was written")
-        seen.add(key)
+    repeated = first_repeat(keys)
+    if repeated is not None:
+        raise ValueError(f"{erp} {org}: {what} {repeated} appears twice in one write; nothing was written")
 
 
 def _flatten(by_tenant: Mapping[str, list[Any]]) -> tuple[list[str], list[Any]]:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterable
 
 from erp_pipelines.erps.base import Connector
 from erp_pipelines.errors import BadResponse, ErpError, redact
-from erp_pipelines.model import Client, TenantExtract
+from erp_pipelines.model import Client, TenantExtract, first_repeat
 
 ACCOUNTS = "accounts"
 BALANCES = "balances"
@@ -53,9 +53,9 @@ async def extract_tenant(
 
 
 def _refuse_repeated_keys(erp: str, client: Client, result: TenantExtract) -> None:
-    repeated = _first_repeat(a.account_number for a in result.accounts)
+    repeated = first_repeat(a.account_number for a in result.accounts)
     if repeated is None:
-        repeated = _first_repeat((b.period, b.account_number) for b in result.balances)
+        repeated = first_repeat((b.period, b.account_number) for b in result.balances)
     if repeated is not None:
         raise BadResponse(
             f"the extract holds {repeated} more than once; nothing was stored",
@@ -63,15 +63,6 @@ def _refuse_repeated_keys(erp: str, client: Client, result: TenantExtract) -> No
             tenant=client.label,
             fix="retry the partition; if it recurs, the ERP's list is unstable and the connector must be fixed",
         )
-
-
-def _first_repeat(keys: Iterable) -> object | None:
-    seen = set()
-    for key in keys:
-        if key in seen:
-            return key
-        seen.add(key)
-    return None
 
 
 async def extract_tenants(

@@ -8,7 +8,8 @@
   JSON numbers are decoded as `Decimal`, so money never passes through float.
 - `ShardedTransport`: the connection pool split into small pools, so a credential with 60 requests
   in flight does not pay httpcore's per-request walk over every connection.
-- Pagination for offset (`from`/`count`) and page-number styles, over any page fetcher.
+- `consistent_offset_list`: an offset-paged (`from`/`count`) list read as one consistent snapshot,
+  over any page fetcher.
 
 Messages never include request headers or bodies, so credentials cannot leak through errors.
 """
@@ -638,53 +639,6 @@ class ApiClient:
 
 
 PageFetcher = Callable[[dict[str, Any]], Awaitable[Any]]
-
-
-async def offset_pages(
-    fetch_page: PageFetcher,
-    params: Mapping[str, Any] | None = None,
-    *,
-    page_size: int,
-    items_key: str = "values",
-    offset_param: str = "from",
-    size_param: str = "count",
-    where: str = "",
-) -> AsyncIterator[list[Any]]:
-    """Offset paging (`from`/`count` style). Stops on a short page, never on a reported total
-    (Tripletex's `fullResultSize` is inexact, its NOTES §4)."""
-    offset = 0
-    while True:
-        items = _items(await fetch_page({**(params or {}), offset_param: offset, size_param: page_size}), items_key, where)
-        yield items
-        if len(items) < page_size:
-            return
-        offset += len(items)
-
-
-async def numbered_pages(
-    fetch_page: PageFetcher,
-    params: Mapping[str, Any] | None = None,
-    *,
-    page_size: int,
-    items_key: str | None = None,
-    page_param: str = "page",
-    size_param: str = "pageSize",
-    first_page: int = 0,
-    where: str = "",
-) -> AsyncIterator[list[Any]]:
-    """Page-number paging (`page`/`pageSize` style); stops on a short page."""
-    page = first_page
-    while True:
-        body = await fetch_page({**(params or {}), page_param: page, size_param: page_size})
-        items = body if items_key is None else _items(body, items_key, where)
-        yield items
-        if len(items) < page_size:
-            return
-        page += 1
-
-
-async def collect(pages: AsyncIterator[list[Any]]) -> list[Any]:
-    return [item async for page in pages for item in page]
 
 
 LIST_CHANGED_FIX = "the data is being edited in the ERP right now; retry the partition later"

@@ -3,7 +3,7 @@
 - `ERP_WAREHOUSE_PATH`: the DuckDB file (default `data/warehouse.duckdb`).
 - `ERP_SOURCES`: optional comma list of ERPs to enable; without it, an ERP is enabled when any of
   its variables is set. An enabled ERP must have all its required variables.
-- Per ERP, the variables its connector declares (`Connector.settings`), e.g. `TRIPLETEX_BASE_URL`.
+- Per ERP, the variables its connector declares (`Connector.settings`), e.g. `<ERP>_BASE_URL`.
 - `<ERP>_HISTORY_START`: first month of a full sync (YYYY-MM-DD; default per source, 2023-01-01 for APIs).
 - `ERP_TENANTS_PER_RUN`: tenants per run of the daily schedule and the client-access sensor
   (default 500). A backfill or a CLI `--partition-range` is one run for the whole range.
@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 from erp_pipelines import tokens
 from erp_pipelines.errors import ConfigError
-from erp_pipelines.registry import ERPS, ErpPlugin
+from erp_pipelines.registry import ERPS, ErpSpec
 
 DEFAULT_WAREHOUSE = "data/warehouse.duckdb"
 DEFAULT_TENANTS_PER_RUN = 500
@@ -31,12 +31,12 @@ DEFAULT_TENANTS_PER_RUN = 500
 
 @dataclasses.dataclass(frozen=True)
 class ErpConfig:
-    plugin: ErpPlugin
+    spec: ErpSpec
     history_start: dt.date
 
     @property
     def name(self) -> str:
-        return self.plugin.name
+        return self.spec.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +56,13 @@ def load_config(environ: Mapping[str, str] | None = None) -> ProjectConfig:
         raise ConfigError("ERP_TENANTS_PER_RUN must be a positive whole number", fix="e.g. ERP_TENANTS_PER_RUN=500")
     if env.get(tokens.KEY_VARIABLE):
         tokens.validate_key(env[tokens.KEY_VARIABLE])
-    return ProjectConfig(
-        env.get("ERP_WAREHOUSE_PATH") or DEFAULT_WAREHOUSE, erps, int(per_run), str(tokens.default_store_path(env))
-    )
+    warehouse = warehouse_path(env)
+    return ProjectConfig(warehouse, erps, int(per_run), str(tokens.default_store_path(warehouse, env)))
+
+
+def warehouse_path(environ: Mapping[str, str]) -> str:
+    """`ERP_WAREHOUSE_PATH`, or the default."""
+    return environ.get("ERP_WAREHOUSE_PATH") or DEFAULT_WAREHOUSE
 
 
 def _enabled_names(env: Mapping[str, str]) -> list[str]:
@@ -74,30 +78,102 @@ def _enabled_names(env: Mapping[str, str]) -> list[str]:
         return names
     return [
         name
-        for name, plugin in ERPS.items()
-        if any(env.get(s.env) for s in plugin.connector_class.settings if s.default is None)
+        for name, spec in ERPS.items()
+        if any(env.get(s.env) for s in spec.connector_class.settings if s.default is None)
     ]
 
 
-def _erp_config(plugin: ErpPlugin, env: Mapping[str, str]) -> ErpConfig:
-    for setting in plugin.connector_class.settings:
+def _erp_config(spec: ErpSpec, env: Mapping[str, str]) -> ErpConfig:
+    for setting in spec.connector_class.settings:
         value = (env.get(setting.env) or "").strip() or setting.default
         if setting.required and not value:
             raise ConfigError(
-                f"{plugin.name} is enabled but {setting.env} is not set ({setting.description})",
+                f"{spec.name} is enabled but {setting.env} is not set ({setting.description})",
                 fix=f"set {setting.env} in the environment or .env (see .env.example)",
             )
         if value and setting.field.endswith("url"):
-            parsed = urlparse(value)
-            if parsed.scheme not in ("http", "https") or not parsed.netloc:
-                raise ConfigError(
-                    f"{setting.env} is not an http(s) URL",
-                    fix=f"set {setting.env} to e.g. {setting.default or 'https://host/path'}",
-                )
-    history_var = f"{plugin.name.upper()}_HISTORY_START"
-    raw = env.get(history_var) or plugin.connector_class.default_history_start
+            _check_url(setting, value)
+    history_var = f"{spec.name.upper()}_HISTORY_START"
+    raw = env.get(history_var) or spec.connector_class.default_history_start
     try:
         history_start = dt.date.fromisoformat(raw).replace(day=1)
     except ValueError:
         raise ConfigError(f"{history_var} is not a date", fix="use YYYY-MM-DD, e.g. 2023-01-01") from None
-    return ErpConfig(plugin, history_start)
+    return ErpConfig(spec, history_start)
+
+
+def _check_url(setting, value: str) -> None:
+    """An http(s) URL with a host, no whitespace, and the ERP's expected path where it has one."""
+    parsed = urlparse(value)
+    example = setting.default or "https://host/path"
+    if any(c.isspace() for c in value) or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"{setting.env} is not an http(s) URL with a host", fix=f"set {setting.env} to e.g. {example}")
+    if setting.url_path and not parsed.path.rstrip("/").endswith(setting.url_path):
+        raise ConfigError(
+            f"{setting.env} must end in {setting.url_path}", fix=f"set {setting.env} to e.g. {example}"
+        )
+
+
+ENV_EXAMPLE_HEADER = """\
+# erp-pipelines configuration. Copy to .env for local use; `make demo` sets everything itself.
+# Generated from the registry: `python -m erp_pipelines env-example > .env.example`.
+
+# The DuckDB warehouse file.
+ERP_WAREHOUSE_PATH=data/warehouse.duckdb
+
+# Optional: enable exactly these sources (comma list). Without it, a source is enabled when its
+# credentials are set. Known: {known}.
+# ERP_SOURCES={known}
+
+# Tenants per run of the daily schedule and the client-access sensor (a backfill or a CLI
+# --partition-range is one run for the whole range).
+# ERP_TENANTS_PER_RUN={per_run}
+
+# Encrypted store of tokens the ERPs hand out (session tokens, OAuth access and refresh tokens).
+# Default: tokens.enc next to the warehouse, with a generated key file tokens.key (mode 0600).
+# ERP_TOKEN_STORE_PATH=data/tokens.enc
+# ERP_TOKEN_STORE_KEY=
+"""
+
+
+def env_example() -> str:
+    """`.env.example`, written from every registered connector's settings."""
+    lines = [ENV_EXAMPLE_HEADER.format(known=",".join(ERPS), per_run=DEFAULT_TENANTS_PER_RUN)]
+    for spec in ERPS.values():
+        connector = spec.connector_class
+        lines.append(f"# --- {connector.display_name} " + "-" * (88 - len(connector.display_name)))
+        for setting in connector.settings:
+            notes = [setting.description[:1].upper() + setting.description[1:].rstrip(".") + "."] \
+                if setting.description else []
+            if setting.secret:
+                notes.append("Secret: never logged or stored in plain text.")
+            if not setting.required:
+                notes.append("Optional.")
+            lines.append(f"# {' '.join(notes)}".rstrip())
+            value = setting.default or ""
+            lines.append(f"{setting.env}={value}" if setting.required or setting.default else f"# {setting.env}=")
+        if connector.scheduled_refresh or not connector.full_sync_by_default:
+            lines.append("# First month of a full sync.")
+            lines.append(f"# {spec.env_prefix}HISTORY_START={connector.default_history_start}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def connector_from_environment(erp: str, environ: Mapping[str, str] | None = None, **options):
+    """The ERP's connector, configured from the environment as the definitions would be (for the
+    command line: consent, doctor); the token store from `ERP_TOKEN_STORE_PATH`/`_KEY`."""
+    env = os.environ if environ is None else environ
+    if erp not in ERPS:
+        raise ConfigError(f"unknown ERP {erp!r}", fix=f"use any of: {', '.join(ERPS)}")
+    spec = ERPS[erp]
+    _erp_config(spec, env)  # validates, naming the variable
+    uses_store = spec.connector_class.uses_token_store
+    store = tokens.TokenStore.from_env(warehouse_path(env), env) if uses_store else None
+    return spec.connector_class(**connector_kwargs(spec, env), token_store=store, **options)
+
+
+def connector_kwargs(spec: ErpSpec, environ: Mapping[str, str]) -> dict[str, str]:
+    """The connector's settings read from `environ` (e.g. a simulator's `environment(url)`) as its
+    keyword arguments: each `Setting.env` under its `field`, defaults applied, unset ones left out."""
+    values = {s.field: (environ.get(s.env) or "").strip() or s.default for s in spec.connector_class.settings}
+    return {field: value for field, value in values.items() if value}

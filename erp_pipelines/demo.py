@@ -22,35 +22,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = ROOT / "data" / "demo"
 DEMO_TENANTS = 12
-NO_API_ACCESS_TENANT = 5  # index of the demo tenant that has not ticked API-tilgang
+DEMO_SEED = 2026  # each ERP's simulator gets its own ledger (seed + its place in the registry)
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}  # the summary tells the story
 OFFICIAL_SAFT_EXAMPLE = ROOT / "tests" / "erps" / "saft_examples" / "ExampleFile SAF-T Financial_888888888_20180228235959.xml"
 
 
 @contextlib.contextmanager
 def sandbox_environment(port: int = 0) -> Iterator[dict[str, str]]:
-    """Start every sandbox ERP; yield the environment that points the project at them."""
-    from erp_pipelines.sandbox.common import serve
+    """Start every registered ERP simulator (each on its own port, from `port` upward when given)
+    and the SAF-T drop; yield the environment that points the project at them."""
+    from erp_pipelines.registry import api_erps
     from erp_pipelines.sandbox.ledger import generate_ledger
     from erp_pipelines.sandbox.saft import write_demo_drop
-    from erp_pipelines.sandbox.tripletex import TripletexSandbox
 
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
-    ledger = generate_ledger(DEMO_TENANTS, last_month=dt.date.today().replace(day=1))
-    tripletex = TripletexSandbox(ledger)
-    tripletex.set_api_access(ledger.tenants[NO_API_ACCESS_TENANT].erp_client_id, False)
     drop_dir = DEMO_DIR / "saft-drop"
     write_demo_drop(drop_dir)
     shutil.copy(OFFICIAL_SAFT_EXAMPLE, drop_dir)  # Skatteetaten's example, with its known mismatches
-    with serve(tripletex.app, port=port, path="/v2") as tripletex_url:
-        yield {
-            "ERP_WAREHOUSE_PATH": str(DEMO_DIR / "warehouse.duckdb"),
-            "TRIPLETEX_BASE_URL": tripletex_url,
-            "TRIPLETEX_CONSUMER_TOKEN": tripletex.consumer_token,
-            "TRIPLETEX_EMPLOYEE_TOKEN": tripletex.accountant_employee_token,
-            "TRIPLETEX_HISTORY_START": ledger.first_month.isoformat(),
-            "SAFT_DROP_DIR": str(drop_dir),
-        }
+    env = {"ERP_WAREHOUSE_PATH": str(DEMO_DIR / "warehouse.duckdb"), "SAFT_DROP_DIR": str(drop_dir)}
+    with contextlib.ExitStack() as stack:
+        for offset, spec in enumerate(api_erps()):
+            ledger = generate_ledger(DEMO_TENANTS, seed=DEMO_SEED + offset, last_month=dt.date.today().replace(day=1))
+            simulator = spec.simulator_class(ledger)
+            simulator.prepare_demo()
+            url = stack.enter_context(simulator.serve(port=port + offset if port else 0))
+            env.update(simulator.environment(url))
+            env[f"{spec.env_prefix}HISTORY_START"] = ledger.first_month.isoformat()
+        yield env
 
 
 def dagster_home() -> Path:
@@ -146,7 +144,8 @@ def print_summary(warehouse, instance, home: Path) -> None:
 def run_dev(port: int, ui_port: int) -> int:
     home = dagster_home()
     with sandbox_environment(port=port) as env:
-        print(f"Sandbox ERPs running; Tripletex at {env['TRIPLETEX_BASE_URL']}; DAGSTER_HOME={home}")
+        urls = ", ".join(f"{name}={value}" for name, value in env.items() if name.endswith("_BASE_URL"))
+        print(f"Sandbox ERPs running ({urls}); DAGSTER_HOME={home}")
         command = [sys.executable, "-m", "dagster", "dev", "-m", "erp_pipelines.definitions", "-p", str(ui_port)]
         process = subprocess.Popen(command, env={**os.environ, **env}, cwd=ROOT)
         signal.signal(signal.SIGTERM, lambda *_: process.terminate())

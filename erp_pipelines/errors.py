@@ -83,7 +83,23 @@ class ClientAccessError(ErpError):
 
 
 class RateLimited(ErpError):
+    """Throttled. `retry_after`: seconds to pause the credential before the next attempt."""
+
     retryable = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, **kwargs)
+
+
+class QuotaExhausted(RateLimited):
+    """The credential's allowance is spent until `resume_at` (an ISO time): its run stops cleanly."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, resume_at: str | None = None, **kwargs) -> None:
+        self.resume_at = resume_at
+        super().__init__(message, **kwargs)
 
 
 class UpstreamError(ErpError):

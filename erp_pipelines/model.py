@@ -2,7 +2,7 @@
 
 Sign convention: every amount is NOK as `Decimal` with two decimals, **debit positive, credit
 negative**. Revenue and liabilities are therefore negative, as in a Norwegian trial balance
-(saldobalanse). Connectors convert from the ERP's units (Fiken: øre) and signs on the way in.
+(saldobalanse). Connectors convert from the ERP's units (øre, say) and signs on the way in.
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ async def _close(agen: AsyncIterator) -> None:
         await aclose()
 
 
-async def closing(connector: Connector, awaitable: Awaitable[T]) -> T:
+async def await_then_close(connector: Connector, awaitable: Awaitable[T]) -> T:
     """Await, then close the connector (on the same event loop)."""
     try:
         return await awaitable
@@ -76,7 +76,7 @@ async def closing(connector: Connector, awaitable: Awaitable[T]) -> T:
         await connector.aclose()
 
 
-async def closing_iter(connector: Connector, items: AsyncIterator[T]) -> AsyncIterator[T]:
+async def iterate_then_close(connector: Connector, items: AsyncIterator[T]) -> AsyncIterator[T]:
     """Iterate, then close the connector (on the same event loop), however the iteration ends."""
     try:
         async for item in items:
@@ -87,7 +87,7 @@ async def closing_iter(connector: Connector, items: AsyncIterator[T]) -> AsyncIt
 
 async def refresh_clients(connector: Connector, warehouse: Warehouse) -> tuple[list[Client], ClientRegistryChange]:
     listed = classify_clients(await connector.list_clients())
-    return listed, warehouse.record_clients(connector.erp, listed)
+    return listed, warehouse.record_clients(connector.erp, listed, unresolved=connector.unresolved_client_ids)
 
 
 @dataclasses.dataclass

@@ -1,6 +1,6 @@
 """The token store: credentials an ERP hands out at runtime, encrypted at rest, readable only by the owner.
 
-What it holds: Tripletex session tokens (cached between runs, so a run does not mint a new session
+What it holds: session tokens (cached between runs, so a run does not mint a new session
 each time) and, for ERPs with OAuth, the rotating refresh tokens that must survive from one run to
 the next (eAccounting). Entries are keyed by a hash of the credential they belong to
 (`credential_key`), never by the credential itself.
@@ -47,14 +47,13 @@ def credential_key(kind: str, *parts: str) -> str:
     return f"{kind}:{digest[:40]}"
 
 
-def default_store_path(environ: Mapping[str, str] | None = None) -> Path:
-    """`ERP_TOKEN_STORE_PATH`, or `tokens.enc` in the warehouse's folder."""
-    from erp_pipelines.config import DEFAULT_WAREHOUSE
-
+def default_store_path(warehouse_path: str | os.PathLike[str],
+                       environ: Mapping[str, str] | None = None) -> Path:
+    """`ERP_TOKEN_STORE_PATH`, or `tokens.enc` in the folder of the warehouse at `warehouse_path`."""
     env = os.environ if environ is None else environ
     if env.get(PATH_VARIABLE):
         return Path(env[PATH_VARIABLE])
-    return Path(env.get("ERP_WAREHOUSE_PATH") or DEFAULT_WAREHOUSE).parent / DEFAULT_FILE_NAME
+    return Path(warehouse_path).parent / DEFAULT_FILE_NAME
 
 
 def validate_key(value: str, variable: str = KEY_VARIABLE) -> bytes:
@@ -82,10 +81,12 @@ class TokenStore:
         self._lock = FileLock(str(self.path) + ".lock", timeout=lock_timeout)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> TokenStore:
+    def from_env(cls, warehouse_path: str | os.PathLike[str],
+                 environ: Mapping[str, str] | None = None) -> TokenStore:
+        """The store `ERP_TOKEN_STORE_PATH`/`_KEY` configure, by default next to the warehouse."""
         env = os.environ if environ is None else environ
         raw = env.get(KEY_VARIABLE)
-        return cls(default_store_path(env), key=validate_key(raw) if raw else None)
+        return cls(default_store_path(warehouse_path, env), key=validate_key(raw) if raw else None)
 
     @staticmethod
     def generate_key() -> str:

@@ -241,9 +241,12 @@ class Warehouse:
             if c.is_active and (wanted is None or c.org_number in wanted)
         }
 
-    def record_clients(self, erp: str, listed: list[Client], *, seen_at: dt.datetime | None = None) -> ClientRegistryChange:
+    def record_clients(self, erp: str, listed: list[Client], *, seen_at: dt.datetime | None = None,
+                       unresolved: Iterable[str] = ()) -> ClientRegistryChange:
         """Store one complete client listing (already classified). Clients no longer listed are
-        marked revoked (history is kept); a re-listed one is reactivated."""
+        marked revoked (history is kept); a re-listed one is reactivated. `unresolved`: ERP client
+        ids the ERP could not describe this time (a passing failure): they stay as they were."""
+        unresolved = set(unresolved)
         seen_at = seen_at or utcnow()
         with self._transaction() as (con, _):
             existing = {
@@ -269,7 +272,9 @@ class Warehouse:
                 rows.append((erp, client.org_number, client.erp_client_id, client.name, status, reason,
                              old[6], seen_at, None, old[9], old[10], old[11]))
             for client_id, old in existing.items():
-                if client_id in listed_ids:
+                if client_id in listed_ids or client_id in unresolved:
+                    if client_id in unresolved:
+                        rows.append(old)
                     continue
                 if old[4] in (ClientStatus.OK, ClientStatus.NO_API_ACCESS):
                     revoked.append(old[1])

@@ -69,7 +69,7 @@ def test_invalid_configuration_fails_at_load_time_naming_the_variable(tmp_path, 
 
 
 def test_no_erp_configured_is_a_clear_error(tmp_path):
-    with pytest.raises(ConfigError, match="no ERP is configured.*TRIPLETEX_CONSUMER_TOKEN"):
+    with pytest.raises(ConfigError, match="no ERP is configured.*<ERP>_.*SAFT_DROP_DIR"):
         build_definitions({"ERP_WAREHOUSE_PATH": str(tmp_path / "w.duckdb")})
 
 

@@ -1,5 +1,5 @@
 """Secrets never leak: a demo-sized materialisation with distinctive secret values, then a scan of
-every place a run leaves traces (erp_pipelines/secret_scan.py)."""
+every place a run leaves traces (tests/secret_scan.py)."""
 
 import datetime as dt
 import logging
@@ -7,6 +7,7 @@ import uuid
 
 import dagster as dg
 import pytest
+from secret_scan import SecretScan
 
 from erp_pipelines.defs.build import build_definitions
 from erp_pipelines.defs.runs import RANGE_END, RANGE_START
@@ -14,7 +15,6 @@ from erp_pipelines.model import add_months
 from erp_pipelines.sandbox.common import serve
 from erp_pipelines.sandbox.ledger import generate_ledger
 from erp_pipelines.sandbox.tripletex import TripletexSandbox
-from erp_pipelines.secret_scan import SecretScan
 from erp_pipelines.tokens import TokenStore
 
 THIS_MONTH = dt.date.today().replace(day=1)

@@ -11,7 +11,7 @@ import pytest
 from dagster._core.storage.partition_status_cache import get_and_update_asset_status_cache_value
 from sandbox_env import tripletex_env
 
-from erp_pipelines.chaos import Trigger, TriggerMiddleware
+from bench.chaos_runner import Trigger, TriggerMiddleware
 from erp_pipelines.defs.build import build_definitions
 from erp_pipelines.defs.runs import RANGE_END, RANGE_START
 from erp_pipelines.model import add_months, months_between

@@ -10,6 +10,7 @@ import stat
 import httpx
 import pytest
 
+from erp_pipelines.config import load_config
 from erp_pipelines.erps.tripletex import TripletexConnector
 from erp_pipelines.errors import ConfigError
 from erp_pipelines.sandbox.ledger import generate_ledger
@@ -82,8 +83,13 @@ def test_invalid_key_in_configuration_names_the_variable():
 
 
 def test_default_path_is_next_to_the_warehouse(tmp_path):
-    assert default_store_path({"ERP_WAREHOUSE_PATH": str(tmp_path / "w" / "x.duckdb")}) == tmp_path / "w" / "tokens.enc"
-    assert default_store_path({"ERP_TOKEN_STORE_PATH": "/srv/t.enc"}).as_posix() == "/srv/t.enc"
+    warehouse = tmp_path / "w" / "x.duckdb"
+    assert default_store_path(warehouse, {}) == tmp_path / "w" / "tokens.enc"
+    assert default_store_path(warehouse, {"ERP_TOKEN_STORE_PATH": "/srv/t.enc"}).as_posix() == "/srv/t.enc"
+    # the configuration resolves the warehouse (ERP_WAREHOUSE_PATH or its default) for the store
+    configured = load_config({"ERP_WAREHOUSE_PATH": str(warehouse)})
+    assert configured.token_store_path == str(tmp_path / "w" / "tokens.enc")
+    assert load_config({}).token_store_path == "data/tokens.enc"
 
 
 def test_entry_names_are_hashes_not_credentials():

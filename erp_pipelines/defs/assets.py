@@ -25,7 +25,13 @@ from erp_pipelines.config import ErpConfig
 from erp_pipelines.erps.extract import ACCOUNTS, BALANCES
 from erp_pipelines.errors import ConfigError
 from erp_pipelines.model import TenantExtract, add_months, months_between
-from erp_pipelines.pipeline import closing, closing_iter, iterate_sync, load_tenants, refresh_clients
+from erp_pipelines.pipeline import (
+    await_then_close,
+    iterate_sync,
+    iterate_then_close,
+    load_tenants,
+    refresh_clients,
+)
 
 OSLO = ZoneInfo("Europe/Oslo")
 warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*backfill_policy.*")  # used on purpose
@@ -85,7 +91,7 @@ class ErpAssets:
 
 def build_erp_assets(erp_config: ErpConfig) -> ErpAssets:
     erp = erp_config.name
-    connector_class = erp_config.plugin.connector_class
+    connector_class = erp_config.spec.connector_class
     partitions = dg.DynamicPartitionsDefinition(name=f"{erp}_tenants")
     clients_key, accounts_key, balances_key = (dg.AssetKey([erp, name]) for name in ("clients", "accounts", "balances"))
     common = {"group_name": erp, "kinds": {"duckdb", "python"}, "pool": f"{erp}_api",
@@ -108,7 +114,7 @@ def build_erp_assets(erp_config: ErpConfig) -> ErpAssets:
     def clients(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         warehouse = getattr(context.resources, WAREHOUSE).get()
         connector = getattr(context.resources, erp).connector()
-        listed, change = asyncio.run(closing(connector, refresh_clients(connector, warehouse)))
+        listed, change = asyncio.run(await_then_close(connector, refresh_clients(connector, warehouse)))
         existing = set(context.instance.get_dynamic_partitions(partitions.name))
         added = [org for org in change.active if org not in existing]
         if added:
@@ -137,7 +143,7 @@ def build_erp_assets(erp_config: ErpConfig) -> ErpAssets:
                     f"Fix: run {erp}/clients; if access was withdrawn, the client must grant it again."
                 )
         connector = getattr(context.resources, erp).connector()
-        batches = closing_iter(
+        batches = iterate_then_close(
             connector,
             load_tenants(
                 connector, warehouse, [active[o] for o in wanted if o in active],

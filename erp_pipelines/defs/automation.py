@@ -12,7 +12,7 @@ import dagster as dg
 from erp_pipelines.defs.assets import OSLO, WAREHOUSE, ErpAssets
 from erp_pipelines.defs.runs import tenant_range_run_requests
 from erp_pipelines.model import ClientStatus
-from erp_pipelines.pipeline import closing, refresh_clients
+from erp_pipelines.pipeline import await_then_close, refresh_clients
 
 
 def build_client_access_sensor(erp_assets: ErpAssets, *, chunk_size: int) -> dg.SensorDefinition:
@@ -45,7 +45,7 @@ def build_client_access_sensor(erp_assets: ErpAssets, *, chunk_size: int) -> dg.
             listed, change = await refresh_clients(connector, warehouse)
             return listed, change, await connector.tenant_fingerprints()
 
-        listed, change, fingerprints = asyncio.run(closing(connector, poll()))
+        listed, change, fingerprints = asyncio.run(await_then_close(connector, poll()))
         existing = list(context.instance.get_dynamic_partitions(erp_assets.partitions.name))
         known = set(existing)
         added = [org for org in change.active if org not in known]

@@ -16,8 +16,8 @@ def build_definitions(environ: Mapping[str, str] | None = None) -> dg.Definition
     if not config.erps:
         raise ConfigError(
             "no ERP is configured",
-            fix="set the credentials of at least one ERP (e.g. TRIPLETEX_CONSUMER_TOKEN and "
-            "TRIPLETEX_EMPLOYEE_TOKEN, or SAFT_DROP_DIR); see .env.example",
+            fix="set the credentials of at least one ERP (its <ERP>_... variables, or SAFT_DROP_DIR); "
+            "see .env.example",
         )
     assets, sensors, schedules = [], [], []
     resources: dict = {WAREHOUSE: WarehouseResource(path=config.warehouse_path)}
@@ -25,10 +25,10 @@ def build_definitions(environ: Mapping[str, str] | None = None) -> dg.Definition
         built = build_erp_assets(erp_config)
         assets += built.assets
         sensors.append(build_client_access_sensor(built, chunk_size=config.tenants_per_run))
-        if erp_config.plugin.connector_class.scheduled_refresh:
+        if erp_config.spec.connector_class.scheduled_refresh:
             schedules.append(build_daily_balance_schedule(built, chunk_size=config.tenants_per_run))
         resources[erp_config.name] = erp_resource_from_env(
-            erp_config.plugin, environ, token_store_path=config.token_store_path
+            erp_config.spec, environ, token_store_path=config.token_store_path
         )
     return dg.Definitions(
         assets=assets,

@@ -15,7 +15,7 @@ import dagster as dg
 from pydantic import PrivateAttr
 
 from erp_pipelines.erps.base import Connector
-from erp_pipelines.registry import ErpPlugin
+from erp_pipelines.registry import ErpSpec
 from erp_pipelines.tokens import KEY_VARIABLE, TokenStore, validate_key
 from erp_pipelines.warehouse import Warehouse
 
@@ -33,7 +33,7 @@ class WarehouseResource(dg.ConfigurableResource):
 
 
 class ErpResource(dg.ConfigurableResource):
-    """Base of the generated per-ERP resources (`TripletexResource`, ...)."""
+    """Base of the generated per-ERP resources (`<Erp>Resource`)."""
 
     token_store_path: str | None = None
     """The encrypted token store (`ERP_TOKEN_STORE_PATH`); its key comes from `ERP_TOKEN_STORE_KEY`
@@ -41,7 +41,7 @@ class ErpResource(dg.ConfigurableResource):
 
     def connector(self, **overrides: Any) -> Connector:
         """A new connector (create one per event loop: it owns an async HTTP client)."""
-        connector_class = self._plugin().connector_class
+        connector_class = self._spec().connector_class
         values = {name: getattr(self, name) for name in self.__class__.model_fields if name != "token_store_path"}
         if connector_class.uses_token_store and self.token_store_path and "token_store" not in overrides:
             raw_key = os.environ.get(KEY_VARIABLE)
@@ -49,13 +49,13 @@ class ErpResource(dg.ConfigurableResource):
         return connector_class(**{k: v for k, v in values.items() if v is not None}, **overrides)
 
     @classmethod
-    def _plugin(cls) -> ErpPlugin:
+    def _spec(cls) -> ErpSpec:
         raise NotImplementedError
 
 
-def erp_resource_class(plugin: ErpPlugin) -> type[ErpResource]:
-    """`TripletexResource` and friends: one string field per connector setting."""
-    connector = plugin.connector_class
+def erp_resource_class(spec: ErpSpec) -> type[ErpResource]:
+    """`<Erp>Resource` for an ERP: one string field per connector setting."""
+    connector = spec.connector_class
     annotations: dict[str, Any] = {}
     namespace: dict[str, Any] = {"__module__": __name__, "__doc__": f"Credentials for {connector.display_name}."}
     for setting in connector.settings:
@@ -65,25 +65,27 @@ def erp_resource_class(plugin: ErpPlugin) -> type[ErpResource]:
             annotations[setting.field] = str | None
             namespace[setting.field] = setting.default
     namespace["__annotations__"] = annotations
-    namespace["_plugin"] = classmethod(lambda cls: plugin)
-    name = "".join(part.capitalize() for part in plugin.name.split("_")) + "Resource"
+    namespace["_spec"] = classmethod(lambda cls: spec)
+    name = "".join(part.capitalize() for part in spec.name.split("_")) + "Resource"
     return type(name, (ErpResource,), namespace)
 
 
 def erp_resource_from_env(
-    plugin: ErpPlugin, environ: Mapping[str, str] | None = None, *, token_store_path: str | None = None
+    spec: ErpSpec, environ: Mapping[str, str] | None = None, *, token_store_path: str | None = None
 ) -> ErpResource:
     """The resource with every setting bound to its environment variable: secrets as `EnvVar`s
     (resolved at run time, shown by name), other settings by value from `environ` (the mapping the
     definitions were validated against)."""
     env = os.environ if environ is None else environ
-    resource_class = erp_resource_class(plugin)
+    resource_class = erp_resource_class(spec)
     values: dict[str, Any] = {}
-    for setting in plugin.connector_class.settings:
+    for setting in spec.connector_class.settings:
+        if not setting.required and setting.default is None and not env.get(setting.env):
+            continue  # an optional setting left unset (e.g. a personal key where OAuth is used)
         if setting.secret or setting.default is None:
             values[setting.field] = dg.EnvVar(setting.env)
         else:
             values[setting.field] = (env.get(setting.env) or "").strip() or setting.default
-    if plugin.connector_class.uses_token_store and token_store_path:
+    if spec.connector_class.uses_token_store and token_store_path:
         values["token_store_path"] = token_store_path
     return resource_class(**values)

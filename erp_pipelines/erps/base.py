@@ -20,7 +20,13 @@ import dataclasses
 import datetime as dt
 from typing import Any, ClassVar
 
+import httpx
+
+from erp_pipelines.erps.kit.client import ApiClient, RetryPolicy
+from erp_pipelines.erps.kit.throttle import RateLimit, Throttle
+from erp_pipelines.errors import BadResponse, register_secret
 from erp_pipelines.model import Account, Balance, Client
+from erp_pipelines.tokens import TokenStore, credential_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,43 +39,7 @@ class Setting:
     required: bool = True
     default: str | None = None
     description: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class RateLimit:
-    """An ERP's published limit per credential. `requests_per_second=None` means "follow the
-    response headers". `max_in_flight` is the published concurrency cap, or, when the ERP publishes
-    none, where the limiter starts: it may then raise concurrency up to `in_flight_ceiling` when
-    latency dominates (see `http.RateLimiter`)."""
-
-    requests_per_second: float | None = None
-    max_in_flight: int = 8
-    source: str = ""
-    in_flight_ceiling: int | None = None  # None: max_in_flight is a hard cap
-
-
-# Each ERP's published limit per credential, in one place (facts: shared/erp-api/<erp>/NOTES.md).
-# A connector sets `rate_limit = PUBLISHED_RATE_LIMITS["<erp>"]`; the benchmark's sandbox enforces
-# the same numbers. Where a vendor publishes no concurrency cap we start at 16 in flight and let
-# the limiter go up to 64 when latency dominates.
-PUBLISHED_RATE_LIMITS: dict[str, RateLimit] = {
-    "tripletex": RateLimit(
-        None, 16, "X-Rate-Limit-Limit/-Remaining/-Reset headers, per employee token per API consumer; "
-        "numbers unpublished; the 429 carries no reset header", in_flight_ceiling=64,
-    ),
-    "vismanet": RateLimit(
-        None, 16, "X-RateLimit-Limit/-Remaining/-Reset headers, fixed window per company and client; "
-        "numbers unpublished", in_flight_ceiling=64,
-    ),
-    "poweroffice": RateLimit(
-        10.0, 16, "10 requests/s per subscription key, shared by all client keys", in_flight_ceiling=64,
-    ),
-    "fiken": RateLimit(4.0, 1, "1 request in flight and 4 requests/s per user (more may be slowed or banned)"),
-    "eaccounting": RateLimit(
-        10.0, 16, "600 requests/minute per client and endpoint; no rate-limit headers", in_flight_ceiling=64,
-    ),
-    "businessnxt": RateLimit(10.0, 60, "600 requests/minute per token; 60 in flight per company"),
-}
+    url_path: str | None = None  # a URL setting's expected path (e.g. "/v2"), checked at load time
 
 
 class Connector(abc.ABC):
@@ -83,10 +53,42 @@ class Connector(abc.ABC):
     full_sync_by_default: ClassVar[bool] = False  # file sources: a partition imports all its months
     default_history_start: ClassVar[str] = "2023-01-01"  # first month of a full sync (<ERP>_HISTORY_START)
     sensor_interval_seconds: ClassVar[int] = 300
-    uses_token_store: ClassVar[bool] = False  # True: the constructor takes `token_store=` (tokens.py)
+    uses_token_store: ClassVar[bool] = False  # True: it keeps tokens in the store (tokens.py) across runs
 
-    def __init__(self, **config: Any) -> None:
+    def __init__(
+        self,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        throttle: Throttle | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float = 60.0,
+        page_size: int | None = None,
+        token_store: TokenStore | None = None,
+        **config: Any,
+    ) -> None:
+        """`config`: the settings' values (secret ones register for redaction here, once for all);
+        the options are the same for every connector (tests, chaos and bench pass them alike)."""
         self.config = config
+        register_secret(*(str(config[s.field]) for s in self.settings if s.secret and config.get(s.field)))
+        self.transport, self.throttle, self.retry = transport, throttle, retry
+        self.timeout, self.page_size, self.token_store = timeout, page_size, token_store
+        self.unresolved_client_ids: set[str] = set()  # listed clients the ERP could not describe just now
+
+    def api_client(self, base_url: str, *credential: str, **hooks: Any) -> ApiClient:
+        """The kit's client for this connector: its options, and the process's one throttle for
+        the credential (`credential`: the parts that identify it, hashed; never logged)."""
+        return ApiClient(
+            erp=self.erp, base_url=base_url, throttle=self.throttle or self.shared_throttle(*credential),
+            retry=self.retry, transport=self.transport, timeout=self.timeout, **hooks,
+        )
+
+    def __repr__(self) -> str:  # never a secret
+        shown = {s.field: self.config.get(s.field) for s in self.settings if not s.secret and s.field in self.config}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+    def shared_throttle(self, *credential: str) -> Throttle:
+        """The process's one throttle for this credential (hashed; every tenant shares it)."""
+        return Throttle.shared(credential_key(f"{self.erp}-throttle", *credential), self.rate_limit)
 
     @abc.abstractmethod
     async def list_clients(self) -> list[Client]: ...
@@ -114,9 +116,24 @@ class Connector(abc.ABC):
 
     async def aclose(self) -> None:
         """Release connections. Safe to call twice."""
+        api = getattr(self, "api", None)
+        if api is not None:
+            await api.aclose()
 
     async def __aenter__(self):
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
+
+
+def require_fields(row: Any, keys: tuple[str, ...], *, where: str, erp: str, tenant: str | None) -> None:
+    """Unknown fields are tolerated; a missing required one is refused (schema drift)."""
+    if not isinstance(row, dict):
+        raise BadResponse(f"{where}: expected an object, got {type(row).__name__}", erp=erp, tenant=tenant)
+    missing = [key for key in keys if row.get(key) is None]
+    if missing:
+        raise BadResponse(
+            f"{where}: required field(s) {', '.join(missing)} missing from the response", erp=erp, tenant=tenant,
+            fix="the API contract changed; update the connector before re-running",
+        )

@@ -30,7 +30,8 @@ from collections.abc import Iterable
 from decimal import Decimal
 from pathlib import Path
 
-from erp_pipelines.erps.base import Connector, RateLimit, Setting
+from erp_pipelines.erps.base import Connector, Setting
+from erp_pipelines.erps.kit import RateLimit
 from erp_pipelines.errors import ConfigError, InvalidTenantId, TenantMismatch
 from erp_pipelines.model import Account, Balance, Client, add_months, month_start
 from erp_pipelines.saft.balances import build_import
@@ -208,7 +209,7 @@ class SaftConnector(Connector):
             description="Folder where SAF-T Financial exports (.xml or .zip) are dropped",
         ),
     )
-    rate_limit = RateLimit(None, 1, "files")
+    rate_limit = RateLimit(max_in_flight=1, source="files")
     scheduled_refresh = False  # files change only when dropped: the sensor (fingerprints) drives refreshes
     full_sync_by_default = True  # a partition imports every month its files cover
     default_history_start = "2000-01-01"

@@ -7,21 +7,23 @@ with username `0` (the key's own company) or a client's company id (act as that 
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
 
-from erp_pipelines.erps.base import PUBLISHED_RATE_LIMITS, Connector, Setting
-from erp_pipelines.erps.http import (
-    ApiClient,
-    RateLimiter,
+from erp_pipelines.erps.base import Connector, Setting, require_fields
+from erp_pipelines.erps.kit import (
+    MintedToken,
+    Offset,
+    RateLimit,
     RateLimitHeaders,
-    RetryPolicy,
-    consistent_offset_list,
+    Reply,
+    RequestContext,
+    Token,
     gather_all,
+    read_all,
 )
 from erp_pipelines.errors import (
     AuthError,
@@ -30,7 +32,6 @@ from erp_pipelines.errors import (
     ErpError,
     TenantMismatch,
     UpstreamError,
-    register_secret,
 )
 from erp_pipelines.model import Account, Balance, Client, add_months, kroner, normalise_tenant_id
 from erp_pipelines.tokens import TokenStore, credential_key
@@ -39,8 +40,10 @@ OSLO = ZoneInfo("Europe/Oslo")
 PAGE_SIZE = 1000  # the documented default; larger counts are rejected above 10000 (NOTES §4)
 OWN_COMPANY = "0"  # Basic-auth username for the key's own company
 
-RATE_LIMIT_HEADERS = RateLimitHeaders(
-    limit="X-Rate-Limit-Limit", remaining="X-Rate-Limit-Remaining", reset="X-Rate-Limit-Reset", reset_is_delta=True
+RATE_LIMIT = RateLimit(
+    headers=RateLimitHeaders("X-Rate-Limit-Limit", "X-Rate-Limit-Remaining", "X-Rate-Limit-Reset", reset_is_delta=True),
+    source="X-Rate-Limit-Limit/-Remaining/-Reset headers, per employee token per API consumer; numbers "
+    "unpublished; the 429 carries no reset header (NOTES §5)",
 )
 
 API_ACCESS_FIX = (
@@ -59,11 +62,66 @@ TOKEN_FIX = (
 )
 
 
+class TripletexSession(MintedToken):
+    """A session token minted from the consumer and employee tokens (NOTES §2). Sessions die at
+    midnight (CET) starting their expiration date, so one is re-minted on the day before it. With a
+    token store, a session minted by an earlier (or concurrent) run is reused across runs."""
+
+    def __init__(self, connector: TripletexConnector, *, session_days: int, store: TokenStore | None) -> None:
+        super().__init__(store=store, store_entry=credential_key(
+            "tripletex-session", connector.config["base_url"].rstrip("/"), connector.config["consumer_token"],
+            connector.config["employee_token"],
+        ))
+        self._connector = connector
+        self._session_days = session_days
+
+    async def mint(self) -> Token:
+        expires = self._connector.oslo_today() + dt.timedelta(days=self._session_days)
+        body = await self._connector.api.send_json("POST", "token/session/:create", {
+            "consumerToken": self._connector.config["consumer_token"],
+            "employeeToken": self._connector.config["employee_token"],
+            "expirationDate": expires.isoformat(),
+        })
+        token = (body.get("value") or {}).get("token") if isinstance(body, dict) else None
+        if not isinstance(token, str) or not token:
+            raise BadResponse("session token response has no value.token", erp="tripletex")
+        day_before = dt.datetime.combine(expires - dt.timedelta(days=1), dt.time(), OSLO).timestamp()
+        return Token(token, expires_at=day_before + self.leeway)
+
+    def now(self) -> float:
+        """The connector's Oslo date (injectable in tests) at the current time of day."""
+        clock = dt.datetime.now(OSLO)
+        return dt.datetime.combine(self._connector.oslo_today(), clock.time(), OSLO).timestamp()
+
+    def as_company(self, username: str) -> CompanyLogin:
+        return CompanyLogin(self, username)
+
+
+class CompanyLogin(MintedToken):
+    """The session, sent as Basic auth with a company's username: `0` for the key's own company,
+    a client's company id to act as that client."""
+
+    scheme = "Basic"
+
+    def __init__(self, session: TripletexSession, username: str) -> None:
+        self._session, self._username = session, username
+
+    async def token(self, stale: str | None = None) -> str:
+        return await self._session.token(stale)
+
+    async def mint(self) -> Token:  # pragma: no cover - the session mints
+        raise NotImplementedError
+
+    def apply(self, request: httpx.Request, token: str) -> None:
+        request.headers["Authorization"] = httpx.BasicAuth(self._username, token)._auth_header
+
+
 class TripletexConnector(Connector):
     erp = "tripletex"
     display_name = "Tripletex"
     settings = (
-        Setting("base_url", "TRIPLETEX_BASE_URL", default="https://tripletex.no/v2", description="API base URL"),
+        Setting("base_url", "TRIPLETEX_BASE_URL", default="https://tripletex.no/v2", description="API base URL",
+                url_path="/v2"),
         Setting("consumer_token", "TRIPLETEX_CONSUMER_TOKEN", secret=True, description="the integration's token"),
         Setting(
             "employee_token",
@@ -72,7 +130,7 @@ class TripletexConnector(Connector):
             description="a company's employee token, or the accounting firm's key (Regnskapskontorets brukernøkkel)",
         ),
     )
-    rate_limit = PUBLISHED_RATE_LIMITS["tripletex"]  # follow the X-Rate-Limit-* headers
+    rate_limit = RATE_LIMIT
     uses_token_store = True  # session tokens are cached between runs (keyed by a hash of the credential)
 
     def __init__(
@@ -81,139 +139,42 @@ class TripletexConnector(Connector):
         base_url: str,
         consumer_token: str,
         employee_token: str,
-        transport: httpx.AsyncBaseTransport | None = None,
-        limiter: RateLimiter | None = None,
-        retry: RetryPolicy | None = None,
         session_days: int = 2,
         today: dt.date | None = None,
-        timeout: float = 60.0,
-        page_size: int | None = None,
-        token_store: TokenStore | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(base_url=base_url)
-        register_secret(consumer_token, employee_token)  # redacted from every error message
-        self._consumer_token = consumer_token
-        self._employee_token = employee_token
-        self._session_days = session_days
+        super().__init__(base_url=base_url, consumer_token=consumer_token, employee_token=employee_token, **options)
         self._today = today
-        self._page_size = page_size
-        self._session: tuple[str, dt.date] | None = None  # (token, expiration date)
-        self._session_lock = asyncio.Lock()
-        self._token_store = token_store
-        # the store's entry name: a hash of where and with what we log in, never the tokens themselves
-        self._store_entry = credential_key("tripletex-session", base_url.rstrip("/"), consumer_token, employee_token)
-        self.sessions_minted = 0
-        self.api = ApiClient(
-            erp=self.erp,
-            base_url=base_url,
-            limiter=limiter or RateLimiter.for_rate_limit(self.rate_limit),
-            rate_limit_headers=RATE_LIMIT_HEADERS,
-            map_error=_map_error,
-            retry=retry,
-            transport=transport,
-            timeout=timeout,
-        )
+        self._page_size = self.page_size or PAGE_SIZE
+        self.api = self.api_client(base_url, base_url, employee_token, map_error=_map_error)
+        self.session = TripletexSession(self, session_days=session_days, store=self.token_store)
 
-    def __repr__(self) -> str:  # never show tokens
-        return f"TripletexConnector(base_url={self.config['base_url']!r})"
+    @property
+    def sessions_minted(self) -> int:
+        return self.session.minted
 
-    async def aclose(self) -> None:
-        await self.api.aclose()
-
-    # ---------------------------------------------------------------------------- session tokens
-
-    def _oslo_today(self) -> dt.date:
+    def oslo_today(self) -> dt.date:
         return self._today or dt.datetime.now(OSLO).date()
 
-    def _fresh(self, session: tuple[str, dt.date] | None, stale: str | None) -> bool:
-        return bool(session) and session[0] != stale and self._oslo_today() < session[1] - dt.timedelta(1)
-
-    async def _session_token(self, stale: str | None = None) -> str:
-        """A live session token. Sessions die at midnight (CET) starting their expiration date, so
-        re-mint on the day before it; `stale` forces a new one when that token got a 401.
-
-        With a token store, a session minted by an earlier run (or a concurrent one) is reused, and
-        a newly minted one is stored for the next run."""
-        async with self._session_lock:
-            if self._fresh(self._session, stale):
-                return self._session[0]
-            if self._token_store is not None:
-                cached = await asyncio.to_thread(self._cached_session)
-                if self._fresh(cached, stale):
-                    register_secret(cached[0])
-                    self._session = cached
-                    return cached[0]
-            expires = self._oslo_today() + dt.timedelta(days=self._session_days)
-            body = await self.api.send_json(
-                "POST",
-                "token/session/:create",
-                {
-                    "consumerToken": self._consumer_token,
-                    "employeeToken": self._employee_token,
-                    "expirationDate": expires.isoformat(),
-                },
-            )
-            token = (body.get("value") or {}).get("token") if isinstance(body, dict) else None
-            if not isinstance(token, str) or not token:
-                raise BadResponse("session token response has no value.token", erp=self.erp)
-            register_secret(token)
-            self._session = (token, expires)
-            self.sessions_minted += 1
-            if self._token_store is not None:
-                await asyncio.to_thread(
-                    self._token_store.put, self._store_entry, {"token": token, "expires": expires.isoformat()}
-                )
-            return token
-
-    def _cached_session(self) -> tuple[str, dt.date] | None:
-        entry = self._token_store.get(self._store_entry) if self._token_store is not None else None
-        if not isinstance(entry, dict) or not isinstance(entry.get("token"), str):
-            return None
-        try:
-            return entry["token"], dt.date.fromisoformat(str(entry.get("expires")))
-        except ValueError:
-            return None
-
     async def _get(self, path: str, params: dict[str, Any], *, username: str, tenant: str | None) -> Any:
-        """GET as `username`, re-minting the session once on a 401. The retry continues the
-        request's attempt budget (at least one attempt is left for it), so a session that expires
-        mid-run never doubles the retries a request may take."""
-        token = await self._session_token()
-        try:
-            return await self.api.get_json(path, params=params, auth=httpx.BasicAuth(username, token), tenant=tenant)
-        except _Unauthorized as exc:
-            fresh = await self._session_token(stale=token)
-            next_attempt = min(getattr(exc, "attempts", 0) + 1, self.api.retry.max_attempts)
-            try:
-                return await self.api.get_json(
-                    path, params=params, auth=httpx.BasicAuth(username, fresh), tenant=tenant,
-                    first_attempt=next_attempt,
-                )
-            except _Unauthorized:
-                if username == OWN_COMPANY:
-                    raise AuthError("the employee token or consumer token is rejected", erp=self.erp, fix=TOKEN_FIX)
-                raise ClientAccessError(
-                    "Tripletex refuses the key for this client (HTTP 401)", erp=self.erp, tenant=tenant,
-                    fix=KLIENTTILGANG_FIX,
-                ) from None
+        return await self.api.get_json(path, params=params, auth=self.session.as_company(username), tenant=tenant)
 
     async def _get_all(
         self, path: str, params: dict[str, Any], *, username: str, tenant: str | None, identity: Any
     ) -> list[Any]:
-        """Every row of a paged list, as one consistent snapshot: a list that changes while it is
-        paged (`versionDigest` differs between pages, or a row repeats) is read again from the start,
-        so a shifted page can neither duplicate nor skip a row (see `consistent_offset_list`)."""
+        """Every row of a paged list, as one consistent snapshot (`versionDigest` on every page)."""
+        login = self.session.as_company(username)
 
-        async def fetch_page(query: dict[str, Any]) -> Any:
-            return await self._get(path, query, username=username, tenant=tenant)
+        async def fetch_page(query: dict[str, Any]) -> Reply:
+            return await self.api.reply("GET", path, params=query, auth=login, tenant=tenant)
 
         def key(row: Any) -> Any:
             return identity(row) if isinstance(row, dict) else None
 
         try:
-            return await consistent_offset_list(
-                fetch_page, params, page_size=self._page_size or PAGE_SIZE, identity=key,
-                version_key="versionDigest", where=f"GET {path}", erp=self.erp, tenant=tenant,
+            return await read_all(
+                fetch_page, Offset(self._page_size, version_key="versionDigest"), params=params, identity=key,
+                where=f"GET {path}", erp=self.erp, tenant=tenant,
             )
         except ErpError as exc:
             raise exc.for_tenant(tenant) if tenant else exc
@@ -345,11 +306,7 @@ class TripletexConnector(Connector):
         return value
 
 
-class _Unauthorized(ErpError):
-    """A 401, resolved by `_get` into a fresh session, AuthError or ClientAccessError."""
-
-
-def _map_error(response: httpx.Response, body: Any) -> ErpError | None:
+def _map_error(response: httpx.Response, body: Any, context: RequestContext) -> ErpError | None:
     """Tripletex's ApiError envelope to the error taxonomy (NOTES §6)."""
     status = response.status_code
     code = body.get("code") if isinstance(body, dict) else None
@@ -358,8 +315,12 @@ def _map_error(response: httpx.Response, body: Any) -> ErpError | None:
     detail = f"HTTP {status}" + (f" code {code}" if code else "") + (f": {message}" if message else "")
     if request_id:
         detail += f" (request {request_id})"
+    if status == 401 and context.tenant is None:
+        return AuthError(f"the employee token or consumer token is rejected ({detail})", erp="tripletex",
+                         fix=TOKEN_FIX)
     if status == 401:
-        return _Unauthorized(detail, erp="tripletex")
+        return ClientAccessError(f"Tripletex refuses the key for this client ({detail})", erp="tripletex",
+                                 fix=KLIENTTILGANG_FIX)
     if status == 403:
         # ASSUMPTION (NOTES §2.4 item 8, UNCONFIRMED): a listed client that has not ticked
         # API-tilgang answers 403 / code 9000 to its username.
@@ -372,12 +333,13 @@ def _map_error(response: httpx.Response, body: Any) -> ErpError | None:
         if isinstance(m, dict)
     ):
         return AuthError(f"session token refused ({detail})", erp="tripletex", fix=TOKEN_FIX)
-    if status >= 500:
+    if status >= 500 or status == 429:
         return None  # retried by ApiClient
-    if status in (400, 404, 422):
+    if status == 404:
+        return BadResponse(f"request rejected ({detail})", erp="tripletex",
+                           fix="check TRIPLETEX_BASE_URL: it must end in /v2 (e.g. https://tripletex.no/v2)")
+    if status in (400, 422):
         return BadResponse(f"request rejected ({detail})", erp="tripletex")
-    if status == 429:
-        return None
     return UpstreamError(detail, erp="tripletex")
 
 
@@ -387,14 +349,4 @@ def _balance_account_number(row: dict[str, Any]) -> Any:
 
 
 def _require(row: Any, keys: tuple[str, ...], where: str, tenant: str | None) -> None:
-    """Unknown fields are tolerated; a missing required one is refused (schema drift)."""
-    if not isinstance(row, dict):
-        raise BadResponse(f"{where}: expected an object, got {type(row).__name__}", erp="tripletex", tenant=tenant)
-    missing = [key for key in keys if row.get(key) is None]
-    if missing:
-        raise BadResponse(
-            f"{where}: required field(s) {', '.join(missing)} missing from the response",
-            erp="tripletex",
-            tenant=tenant,
-            fix="the API contract changed; update the connector before re-running",
-        )
+    require_fields(row, keys, where=where, erp="tripletex", tenant=tenant)

@@ -6,8 +6,9 @@ request, how its error bodies look) and gets:
 
 - `FaultPlan`: runtime-configurable chaos (latency, 5xx, 429, dropped connections, timeouts,
   malformed JSON, a dropped field), scoped by path prefix and tenant, reproducible (seeded);
-- `RateLimiter`: a fixed window of `limit` requests per `window_seconds` and/or a cap on
-  requests in flight, per credential key, with the ERP's header names;
+- `RateLimiter`: `limit` requests per `window_seconds` (a fixed window, a sliding window or a
+  token bucket: `WINDOW_MODES`) and/or a cap on requests in flight, per credential key, with the
+  ERP's header names;
 - `RequestStats`: counts per path template and status, 429s, in-flight peak and a request log;
 - admin routes under `/_sandbox/...` (outside the vendor API) and `serve()` to run any sandbox
   app as a real HTTP server on 127.0.0.1.
@@ -317,17 +318,33 @@ class RequestStatsMiddleware:
 
 # ---------------------------------------------------------------------------------------- rate limits
 
+WINDOW_MODES = ("fixed", "sliding", "token_bucket")
+_SLACK = 1e-9  # float slack (seconds, tokens): requests paced at exactly the limit are admitted
+
 
 @dataclasses.dataclass
 class RateLimitPolicy:
-    """Per credential key: at most `limit` requests per fixed window of `window_seconds` and at
-    most `max_in_flight` concurrent requests (None = unlimited). A refused request gets 429."""
+    """Per credential key: at most `limit` requests per `window_seconds`, counted the `mode` way,
+    and at most `max_in_flight` concurrent requests (None = unlimited). A refused request gets 429.
+
+    Modes: "fixed" (a window opens with the first request after the last one ended; `reset` =
+    seconds until it ends), "sliding" (at most `limit` admissions in any interval of
+    `window_seconds`; `reset` = seconds until the oldest admission in it leaves) and "token_bucket"
+    (capacity `limit`, refilled at `limit / window_seconds` per second, one token per request;
+    `reset` = seconds until the bucket is full). `reset` is rounded up to whole seconds."""
 
     limit: int | None = None
     window_seconds: float = 60.0
     max_in_flight: int | None = None
     reset_header_on_429: bool = False  # include the ERP's reset header on the 429 itself
     retry_after_on_429: bool = False  # include a standard Retry-After header on the 429
+    mode: str = "fixed"
+
+    def __post_init__(self) -> None:
+        if self.mode not in WINDOW_MODES:
+            raise ValueError(f"unknown rate-limit mode {self.mode!r}; use one of {', '.join(WINDOW_MODES)}")
+        if self.mode != "fixed" and self.window_seconds <= 0:
+            raise ValueError(f"a {self.mode} rate limit needs window_seconds > 0")
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RateLimitPolicy:
@@ -343,51 +360,127 @@ class RateDecision:
     allowed: bool
     limit: int | None
     remaining: int | None
-    reset_seconds: int | None  # whole seconds until the window ends (rounded up)
+    reset_seconds: int | None  # whole seconds until the window ends (rounded up; per mode: RateLimitPolicy)
     reason: str = ""
 
 
+def _seconds_up(seconds: float) -> int:
+    return max(0, math.ceil(seconds - _SLACK))
+
+
+@dataclasses.dataclass
+class _FixedWindow:
+    start: float
+    used: int = 0
+
+    def at(self, now: float, policy: RateLimitPolicy) -> _FixedWindow:
+        return self if now - self.start < policy.window_seconds else _FixedWindow(now)
+
+    def remaining(self, policy: RateLimitPolicy) -> int:
+        return max(0, policy.limit - self.used)
+
+    def reset_seconds(self, now: float, policy: RateLimitPolicy) -> int:
+        return max(0, math.ceil(self.start + policy.window_seconds - now))
+
+    def admit(self, now: float) -> None:
+        self.used += 1
+
+
+@dataclasses.dataclass
+class _SlidingLog:
+    admitted: deque[float] = dataclasses.field(default_factory=deque)  # admission times, oldest first
+
+    def at(self, now: float, policy: RateLimitPolicy) -> _SlidingLog:
+        while self.admitted and now - self.admitted[0] >= policy.window_seconds - _SLACK:
+            self.admitted.popleft()
+        return self
+
+    def remaining(self, policy: RateLimitPolicy) -> int:
+        return max(0, policy.limit - len(self.admitted))
+
+    def reset_seconds(self, now: float, policy: RateLimitPolicy) -> int:
+        reset = _seconds_up(self.admitted[0] + policy.window_seconds - now) if self.admitted else 0
+        return max(1, reset) if self.remaining(policy) == 0 else reset
+
+    def admit(self, now: float) -> None:
+        self.admitted.append(now)
+
+
+@dataclasses.dataclass
+class _TokenBucket:
+    tokens: float
+    refilled_at: float
+
+    def at(self, now: float, policy: RateLimitPolicy) -> _TokenBucket:
+        rate = policy.limit / policy.window_seconds
+        self.tokens = min(float(policy.limit), self.tokens + (now - self.refilled_at) * rate)
+        self.refilled_at = now
+        return self
+
+    def remaining(self, policy: RateLimitPolicy) -> int:
+        return max(0, math.floor(self.tokens + _SLACK))
+
+    def reset_seconds(self, now: float, policy: RateLimitPolicy) -> int:
+        missing = policy.limit - self.tokens
+        return 0 if missing <= _SLACK else _seconds_up(missing * policy.window_seconds / policy.limit)
+
+    def admit(self, now: float) -> None:
+        self.tokens -= 1
+
+
+_LimitState = _FixedWindow | _SlidingLog | _TokenBucket  # one credential key's count, in its policy's mode
+
+
+def _new_state(policy: RateLimitPolicy, now: float) -> _LimitState:
+    if policy.mode == "sliding":
+        return _SlidingLog()
+    if policy.mode == "token_bucket":
+        return _TokenBucket(float(policy.limit), now)
+    return _FixedWindow(now)
+
+
 class RateLimiter:
-    """Fixed-window and in-flight limits per credential key. `clock` is injectable for tests."""
+    """Request limits (see `RateLimitPolicy.mode`) and in-flight caps per credential key.
+    `clock` is injectable for tests."""
 
     def __init__(self, policy: RateLimitPolicy | None = None, clock: Callable[[], float] = time.monotonic):
         self.policy = policy or RateLimitPolicy()
         self.clock = clock
         self._lock = threading.Lock()
-        self._windows: dict[str, tuple[float, int]] = {}  # key -> (window start, requests admitted)
+        self._states: dict[str, _LimitState] = {}
         self._in_flight: Counter[str] = Counter()
 
     def configure(self, policy: RateLimitPolicy) -> None:
         with self._lock:
             self.policy = policy
-            self._windows.clear()
+            self._states.clear()
 
     def reset(self) -> None:
         with self._lock:
-            self._windows.clear()
+            self._states.clear()
 
     def acquire(self, key: str) -> RateDecision:
         """Admit or refuse one request; an admitted request must be `release`d when done."""
         with self._lock:
             policy, now = self.policy, self.clock()
-            remaining = reset = None
-            if policy.limit is not None:
-                start, used = self._windows.get(key, (now, 0))
-                if now - start >= policy.window_seconds:
-                    start, used = now, 0
-                reset = max(0, math.ceil(start + policy.window_seconds - now))
-                if used >= policy.limit:
-                    self._windows[key] = (start, used)
-                    return RateDecision(False, policy.limit, 0, reset, "window exhausted")
-                if policy.max_in_flight is not None and self._in_flight[key] >= policy.max_in_flight:
-                    return RateDecision(False, policy.limit, policy.limit - used, reset, "too many in flight")
-                used += 1
-                self._windows[key] = (start, used)
-                remaining = policy.limit - used
-            elif policy.max_in_flight is not None and self._in_flight[key] >= policy.max_in_flight:
-                return RateDecision(False, None, None, None, "too many in flight")
+            too_many_in_flight = policy.max_in_flight is not None and self._in_flight[key] >= policy.max_in_flight
+            if policy.limit is None:
+                if too_many_in_flight:
+                    return RateDecision(False, None, None, None, "too many in flight")
+                self._in_flight[key] += 1
+                return RateDecision(True, None, None, None)
+            state = self._states[key] if key in self._states else _new_state(policy, now)
+            state = state.at(now, policy)
+            if state.remaining(policy) == 0:
+                self._states[key] = state
+                return RateDecision(False, policy.limit, 0, state.reset_seconds(now, policy), "window exhausted")
+            if too_many_in_flight:  # refused uncounted: not kept, so a fixed window does not start here
+                return RateDecision(False, policy.limit, state.remaining(policy), state.reset_seconds(now, policy),
+                                    "too many in flight")
+            state.admit(now)
+            self._states[key] = state
             self._in_flight[key] += 1
-            return RateDecision(True, policy.limit, remaining, reset)
+            return RateDecision(True, policy.limit, state.remaining(policy), state.reset_seconds(now, policy))
 
     def release(self, key: str) -> None:
         with self._lock:
@@ -493,14 +586,19 @@ class FaultRule:
             return False
         if self.tenant is not None and self.tenant != tenant:
             return False
-        if self.path_prefix:
-            relative = path.removeprefix(api_prefix)
-            if not (path.startswith(self.path_prefix) or relative.startswith(self.path_prefix)):
-                return False
-        return True
+        return not self.path_prefix or path_matches(path, api_prefix, self.path_prefix)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def path_matches(path: str, api_prefix: str, prefix: str) -> bool:
+    """`prefix` starts the path, below or above the API prefix, or starts what follows any of
+    its segments (a tenant's own paths: `/accounts` matches `/companies/{slug}/accounts`)."""
+    relative = path.removeprefix(api_prefix)
+    if path.startswith(prefix) or relative.startswith(prefix):
+        return True
+    return any(relative[i:].startswith(prefix) for i, char in enumerate(relative) if char == "/")
 
 
 class FaultPlan:
@@ -782,26 +880,6 @@ class SandboxHarness:
 
 
 # ---------------------------------------------------------------------------------------- serving
-
-
-class SyncASGITransport(httpx.BaseTransport):
-    """`httpx.Client(transport=SyncASGITransport(app))`: a synchronous client over an ASGI app,
-    for sync tests (httpx only ships an async ASGI transport). Each request runs in its own event
-    loop, so do not use it from inside a running loop. App exceptions reach the caller as-is."""
-
-    def __init__(self, app: ASGIApp, **asgi_options: Any) -> None:
-        self.transport = httpx.ASGITransport(app=app, **asgi_options)
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        async def exchange() -> httpx.Response:
-            request.stream = httpx.ByteStream(request.read())
-            response = await self.transport.handle_async_request(request)
-            content = await response.aread()
-            return httpx.Response(response.status_code, headers=response.headers, content=content,
-                                  extensions=response.extensions)
-
-        return asyncio.run(exchange())
-
 
 
 class _HideInjectedFaults(logging.Filter):

@@ -2,8 +2,11 @@
 
 Tenants get valid organisation numbers, a chart of accounts from the Norwegian standard chart
 (NS 4102) and monthly double-entry vouchers. Amounts are integer øre, so every balance is exact.
-Profit-and-loss accounts (3000-8999) start each year at zero; the previous years' result is part of
-the opening balance of 2050 (annen egenkapital), so every month's trial balance sums to zero.
+Profit-and-loss accounts (3000-8999) start each year at zero. Every completed year ends with a
+closing voucher on 31 December (årsoppgjør: 8960 against 2050, annen egenkapital), so the profit and
+loss accounts sum to zero at year end, each balance-sheet account's January opening equals its
+December closing, and every month's trial balance sums to zero. An API that reports only closing
+balances at a date can therefore be reproduced exactly.
 """
 
 from __future__ import annotations
@@ -50,7 +53,10 @@ CHART: tuple[tuple[int, str, str], ...] = (
     (7770, "Bank og kortgebyrer", "OPERATING_EXPENSES"),
     (8050, "Annen renteinntekt", "INVESTMENT_INCOME"),
     (8150, "Annen rentekostnad", "COST_OF_CAPITAL"),
+    (8960, "Overføringer annen egenkapital", "TRANSFERS_AND_ALLOCATIONS"),
 )
+RETAINED_EARNINGS = 2050
+RESULT_TRANSFER = 8960
 
 COMPANY_WORDS = (
     "Fjord", "Nordlys", "Bergtind", "Havblikk", "Solvik", "Granli", "Elvebakken", "Stavne", "Lyngheim",
@@ -149,11 +155,11 @@ class TruthTenant:
         running = {a.number: 0 for a in self.accounts}
         for month in months_between(self.first_month, self.last_month):
             if month.month == 1 and month != self.first_month:
-                year_result = sum(v for n, v in running.items() if n >= 3000)
+                # the December closing voucher left the profit and loss summing to zero
+                assert sum(v for n, v in running.items() if n >= 3000) == 0, "year-end closing missing"
                 for n in running:
                     if n >= 3000:
                         running[n] = 0
-                running[2050] += year_result
             moves = movements.get(month, {})
             result[month] = {n: (running[n], moves.get(n, 0)) for n in running}
             for n, v in moves.items():
@@ -242,6 +248,11 @@ def _generate_vouchers(tenant: TruthTenant) -> list[Voucher]:
             add(day(rng.randrange(3, 28)), "Reise", (7140, petty), (1900, -petty))
         if rng.random() < 0.2:
             add(day(10), "Forskudd", (1570, 2_500_00), (1920, -2_500_00))
+        if month.month == 12 and month < tenant.last_month:
+            result = sum(amount for v in vouchers if v.date.year == month.year
+                         for account, amount in v.lines if account >= 3000)
+            if result:
+                add(month.replace(day=31), "Årsoppgjør", (RESULT_TRANSFER, -result), (RETAINED_EARNINGS, result))
     return vouchers
 
 

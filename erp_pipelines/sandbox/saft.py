@@ -54,6 +54,7 @@ GROUPING_1_30: dict[int, tuple[str, str]] = {
     7770: ("annenDriftskostnad", "7700"),
     8050: ("finansinntekt", "8050"),
     8150: ("finanskostnad", "8150"),
+    8960: ("resultatDisponeringForSAF-T", "8800"),
 }
 # Truth chart → 1.20 StandardAccountID: the account number itself (it is in the 4-character list), except:
 STANDARD_ACCOUNT_1_20: dict[int, str] = {5180: "5092"}

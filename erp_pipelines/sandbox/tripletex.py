@@ -53,7 +53,6 @@ from erp_pipelines.sandbox.common import (
     json_bytes,
     json_response,
     request_id_of,
-    serve,
 )
 from erp_pipelines.sandbox.ledger import (
     COMPANY_WORDS,
@@ -62,6 +61,7 @@ from erp_pipelines.sandbox.ledger import (
     TruthTenant,
     make_org_number,
 )
+from erp_pipelines.sandbox.simulator import ApiPaths, Simulator
 
 API_PREFIX = "/v2"
 DEFAULT_CONSUMER_TOKEN = "sandbox-consumer-token"
@@ -69,7 +69,7 @@ DEFAULT_ACCOUNTANT_EMPLOYEE_TOKEN = "sandbox-accountant-key"
 ERROR_LINK = "https://tripletex.no/v2-docs/"
 OSLO = ZoneInfo("Europe/Oslo")
 MAX_COUNT = 10_000  # NOTES pitfall 9: count above 10000 is rejected with code 23000
-RETAINED_EARNINGS_ACCOUNT = 2050  # ledger.py: previous years' result sits in 2050's opening balance
+RETAINED_EARNINGS_ACCOUNT = 2050  # profit and loss before the year's start (net zero after årsoppgjør)
 # Invented (Tripletex publishes no numbers, NOTES §5); generous, override per test or on the CLI.
 DEFAULT_RATE_LIMIT = RateLimitPolicy(limit=1000, window_seconds=10, reset_header_on_429=False)
 # No code is documented for 429 (NOTES §6: body UNCONFIRMED); 0 marks "not from the table".
@@ -398,10 +398,23 @@ class TripletexState:
 # ---------------------------------------------------------------------------------------- the sandbox
 
 
-class TripletexSandbox:
+class TripletexSandbox(Simulator):
     """A Tripletex API v2 over a truth ledger. `.app` serves the API at /v2 and admin at /_sandbox."""
 
     erp = "tripletex"
+    api_prefix = API_PREFIX
+    paths = ApiPaths(
+        clients="/company/>withLoginAccess", accounts="/ledger/account", balances="/balanceSheet",
+        identity="/token/session/>whoAmI", phantom_account="1000", token="/token/session/:create",
+    )
+    default_rate_limit = DEFAULT_RATE_LIMIT
+    # a window the chaos run touches now and then (its 429s carry no reset header, like the real API's)
+    chaos_rate_limit = RateLimitPolicy(limit=400, window_seconds=2.0)
+    contract_rate_limit = RateLimitPolicy(limit=20, window_seconds=1.0)  # Tripletex publishes no number
+    revoke_fix = "Klienttilgang"  # the accountant key's link to the client
+    deny_access_fix = "API-tilgang"  # the client's API access for the firm
+    required_balance_field = "values.*.balanceOut"
+    DEMO_TENANT_WITHOUT_API_ACCESS = 5
 
     def __init__(
         self,
@@ -435,31 +448,40 @@ class TripletexSandbox:
             exception_handlers={TripletexApiError: self._api_error_response, HTTPException: self._http_error},
         )
 
-    # ------------------------------------------------------------------ shared machinery
-    @property
-    def stats(self):
-        return self.harness.stats
+    # ------------------------------------------------------------------ simulator hooks
 
-    @property
-    def faults(self):
-        return self.harness.faults
+    def environment(self, url: str) -> dict[str, str]:
+        return {"TRIPLETEX_BASE_URL": url, "TRIPLETEX_CONSUMER_TOKEN": self.consumer_token,
+                "TRIPLETEX_EMPLOYEE_TOKEN": self.accountant_employee_token}
 
-    @property
-    def rate_limiter(self):
-        return self.harness.rate_limiter
+    def credential_lines(self) -> list[str]:
+        tenants = self.ledger.tenants
+        return [
+            f"consumer token:  {self.consumer_token}",
+            f"employee token:  {self.accountant_employee_token}  (accountant key; username 0 or a client id)",
+            f"clients:         {len(tenants)} (ids {tenants[0].erp_client_id}..{tenants[-1].erp_client_id})",
+        ]
 
-    def reset_stats(self) -> None:
-        self.harness.reset_stats()
+    def wrong_credential(self, environment: dict[str, str]) -> tuple[dict[str, str], str]:
+        return {**environment, "TRIPLETEX_EMPLOYEE_TOKEN": "not-a-valid-employee-token"}, "TRIPLETEX_EMPLOYEE_TOKEN"
 
-    def clear_faults(self) -> None:
-        self.harness.clear_faults()
+    def prepare_demo(self) -> None:
+        self.set_api_access(self.ledger.tenants[self.DEMO_TENANT_WITHOUT_API_ACCESS].erp_client_id, False)
 
-    def set_rate_limit(self, policy: RateLimitPolicy) -> None:
-        self.harness.set_rate_limit(policy)
+    def scope_of(self, tenant: TruthTenant) -> str:
+        return str(tenant.erp_client_id)
 
-    def serve(self, **kwargs: Any):
-        """Context manager: run as a real HTTP server; yields the API base URL (ending in /v2)."""
-        return serve(self.app, path=API_PREFIX, **kwargs)
+    def deny_access(self, tenant: TruthTenant) -> None:
+        self.set_api_access(tenant.erp_client_id, False)
+
+    def revoke(self, tenant: TruthTenant) -> None:
+        self.revoke_client_access(tenant.erp_client_id)
+
+    def swap_identity(self, tenant: TruthTenant, as_tenant: TruthTenant) -> None:
+        self.impersonate(tenant.erp_client_id, as_tenant.erp_client_id)
+
+    def expire_tokens(self) -> int:
+        return self.expire_all_sessions()
 
     @property
     def consumer_token(self) -> str:

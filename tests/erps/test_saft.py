@@ -26,7 +26,7 @@ from erp_pipelines.errors import BadResponse, ConfigError, InvalidTenantId
 from erp_pipelines.model import Balance, ClientStatus, classify_clients, months_between
 from erp_pipelines.saft import codelists
 from erp_pipelines.saft.safety import iterparse
-from erp_pipelines.sandbox.ledger import TruthTenant, generate_ledger
+from erp_pipelines.sandbox.ledger import CHART, TruthTenant, generate_ledger
 from erp_pipelines.sandbox.saft import GROUPING_1_30, STANDARD_ACCOUNT_1_20, write_demo_drop, write_saft_file
 
 EXAMPLES = Path(__file__).parent / "saft_examples"
@@ -641,7 +641,7 @@ def test_demo_drop_gives_three_clean_companies(tmp_path):
         assert run(connector.reconciliation_issues(client)) == []
     first = clients[[c.erp_client_id for c in clients].index(paths[0].stem.split("_")[1])]
     months = months_between(dt.date(2024, 1, 1), dt.date(2025, 12, 1))
-    assert len(run(connector.fetch_balances(first, months))) == 30 * 24
+    assert len(run(connector.fetch_balances(first, months))) == len(CHART) * 24
     assert connector.scheduled_refresh is False
 
 

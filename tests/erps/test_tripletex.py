@@ -110,15 +110,15 @@ def test_session_expiration_date_is_in_the_future_and_reminted_before_it(ledger)
         connector = connect(sandbox, today=today)
         async with connector:
             await connector.list_clients()
-            first = connector._session
+            first = sandbox.state.sessions[await connector.session.token()]
             connector._today = today + dt.timedelta(days=1)  # the day before expiry: re-mint
             sandbox.today = today + dt.timedelta(days=1)
             await connector.list_clients()
-            return first, connector._session
+            return first, sandbox.state.sessions[await connector.session.token()]
 
     first, second = run(scenario(dt.date(2026, 11, 21)))
-    assert first[1] == dt.date(2026, 11, 23)
-    assert second[1] == dt.date(2026, 11, 24) and second[0] != first[0]
+    assert first.expiration_date == dt.date(2026, 11, 23)
+    assert second.expiration_date == dt.date(2026, 11, 24) and second.token != first.token
 
 
 def test_revoked_klienttilgang_is_a_client_access_error_naming_the_tenant(ledger):

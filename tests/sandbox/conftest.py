@@ -11,12 +11,12 @@ from urllib.parse import parse_qsl
 
 import httpx
 import pytest
+from asgi_support import SyncASGITransport
 from openapi_core import Config, OpenAPI
 from openapi_core.datatypes import RequestParameters
 from openapi_schema_validator import OAS30Validator
 from werkzeug.datastructures import Headers, ImmutableMultiDict
 
-from erp_pipelines.sandbox.common import SyncASGITransport
 from erp_pipelines.sandbox.ledger import generate_ledger
 from erp_pipelines.sandbox.tripletex import (
     DEFAULT_ACCOUNTANT_EMPLOYEE_TOKEN,

@@ -1,32 +1,35 @@
-"""The chaos runner: many tenants through the real pipeline against a sandbox that misbehaves.
+"""The chaos runner: many tenants through the real pipeline against a simulator that misbehaves.
 
 Shared by `tests/chaos` (a small size, in `make test`) and `bench/chaos.py` (`make chaos`, 1,000
-tenants). Nothing here knows Tripletex except `TRIPLETEX`, the `ChaosTarget` describing it: a later
-ERP gets the whole suite by describing its sandbox the same way (its admin methods must have the
-names of the `ChaosSandbox` protocol).
+tenants). It knows no ERP: `run_chaos(..., erp)` takes a registry name, and the ERP's simulator
+(`registry.ERPS[erp].simulator_class`, a `sandbox.simulator.Simulator`) supplies the paths, the
+tenants' scopes, the admin hooks (revoke, deny access, swap identity, expire tokens, a list that
+shifts while paged), its facts (the fixes a revoked or denied tenant's error names, a field every
+balance row needs) and its chaos rate limit. The connector is built from the simulator's
+`environment(url)` (`config.connector_kwargs`). A new ERP gets the whole suite from its registry line.
 
 A run:
 
-1. builds a truth ledger and the ERP's sandbox, served on 127.0.0.1 (real HTTP, real sockets);
+1. builds a truth ledger and the ERP's simulator, served on 127.0.0.1 (real HTTP, real sockets);
 2. deals the tenants out to fault kinds (seeded, reproducible): some get transient faults they must
    survive (latency, 5xx, 429 with and without Retry-After or reset headers, dropped connections,
    timeouts, malformed JSON, a page that changes while it is paged), some get faults they must fail
    on, alone (access revoked or API access withdrawn mid-run, an ERP that is down, malformed JSON
    every time, a required field missing, another company's identity from the start or switched on
-   after the tenant guard); for everyone, all session tokens expire a third of the way in and a new
+   after the tenant guard); for everyone, all access tokens expire a third of the way in and a new
    client appears while the client list is being paged;
 3. seeds the warehouse with "previous" balances for every tenant, so a failed tenant can be shown
    to keep them;
 4. runs `refresh_clients` and `load_tenants` (the path the Dagster assets take) once;
 5. checks the warehouse against the ledger and every outcome against what its kind demands, and
-   counts requests, retries and 429s on both sides of the wire.
+   counts requests, retries, 429s and minted tokens on both sides of the wire.
 
-What "a page that changes while it is paged" must do (decided here, implemented in
-`erps.http.consistent_offset_list`): offset paging over a list that shifts repeats or skips a row.
-The connector compares the ERP's version of the whole list on every page (Tripletex
-`versionDigest`) and the row keys; on a change it reads the list again from the start (at most 3
-reads, then the tenant fails with "retry later"). The re-read list is what lands: a client created
-mid-listing is included, a repeated row never lands, a shifted-out row is never lost.
+What "a page that changes while it is paged" must do (decided here, implemented by the connector
+kit's `paging.read_all`): paging over a list that shifts repeats or skips a row. The connector
+compares the ERP's version of the whole list on every page (e.g. Tripletex `versionDigest`) and the
+row keys; on a change it reads the list again from the start (at most 3 reads, then the tenant fails
+with "retry later"). The re-read list is what lands: a client created mid-listing is included, a
+repeated row never lands, a shifted-out row is never lost.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import operator
 import random
 import threading
 import time
@@ -41,84 +45,23 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from erp_pipelines.config import connector_kwargs
 from erp_pipelines.erps.extract import ACCOUNTS, BALANCES
-from erp_pipelines.erps.http import RetryPolicy
+from erp_pipelines.erps.kit import RetryPolicy
 from erp_pipelines.errors import BadResponse, ClientAccessError, TenantMismatch, UpstreamError
 from erp_pipelines.model import Balance, ClientStatus, add_months, months_between
 from erp_pipelines.pipeline import load_tenants, refresh_clients
-from erp_pipelines.registry import ERPS
-from erp_pipelines.sandbox.common import RateLimitPolicy, RequestStats, serve
+from erp_pipelines.registry import ERPS, ErpSpec
+from erp_pipelines.sandbox.common import RequestStats, path_matches, serve
 from erp_pipelines.sandbox.ledger import TruthLedger, TruthTenant, generate_ledger
+from erp_pipelines.sandbox.simulator import Simulator
 from erp_pipelines.tokens import TokenStore
 from erp_pipelines.warehouse import Warehouse
 
 PREVIOUS_RUN = "previous-run"  # run_id of the seeded balances a failed tenant must keep
 CHAOS_RUN = "chaos-run"
-
-
-# ---------------------------------------------------------------------------------------- targets
-
-
-class ChaosSandbox(Protocol):
-    """The admin surface a sandbox offers the chaos runner (TripletexSandbox has it)."""
-
-    app: Any
-    harness: Any  # sandbox.common.SandboxHarness: .profile, .faults, .stats, .set_rate_limit
-
-    def revoke_client_access(self, client_id: int) -> None: ...
-    def set_api_access(self, client_id: int, enabled: bool) -> None: ...
-    def impersonate(self, client_id: int, as_client_id: int) -> None: ...
-    def expire_all_sessions(self) -> int: ...
-    def mutate_during_paging(self, path: str, action: str = "insert", *, position: int = 0,
-                             after_requests: int = 1, tenant: int | None = None) -> Any: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class ChaosTarget:
-    """One ERP, as the chaos runner sees it."""
-
-    erp: str
-    api_prefix: str
-    client_list_path: str  # paths relative to the API prefix
-    accounts_path: str
-    balances_path: str
-    identity_path: str  # the tenant guard's request (whoAmI)
-    make_sandbox: Callable[[TruthLedger, int], ChaosSandbox]
-    connector_kwargs: Callable[[ChaosSandbox, str], dict[str, Any]]  # (sandbox, base URL) -> credentials
-    scope_of: Callable[[TruthTenant], str]  # a tenant as the sandbox's fault scope names it
-    phantom_account: str | None = None  # the account a mid-paging insert into the chart adds
-    rate_limit: RateLimitPolicy | None = None  # the sandbox's own limit during the run
-
-
-def _tripletex_sandbox(ledger: TruthLedger, seed: int) -> ChaosSandbox:
-    from erp_pipelines.sandbox.tripletex import TripletexSandbox
-
-    return TripletexSandbox(ledger, fault_seed=seed)
-
-
-TRIPLETEX = ChaosTarget(
-    erp="tripletex",
-    api_prefix="/v2",
-    client_list_path="/company/>withLoginAccess",
-    accounts_path="/ledger/account",
-    balances_path="/balanceSheet",
-    identity_path="/token/session/>whoAmI",
-    make_sandbox=_tripletex_sandbox,
-    connector_kwargs=lambda sandbox, url: {
-        "base_url": url,
-        "consumer_token": sandbox.consumer_token,
-        "employee_token": sandbox.accountant_employee_token,
-    },
-    scope_of=lambda tenant: str(tenant.erp_client_id),
-    phantom_account="1000",
-    # Tripletex publishes no numbers; a window the run will touch now and then (the 429s it
-    # causes carry no reset header, like the real API's).
-    rate_limit=RateLimitPolicy(limit=400, window_seconds=2.0),
-)
-
-TARGETS = {"tripletex": TRIPLETEX}
 
 
 # ---------------------------------------------------------------------------------------- fault kinds
@@ -131,7 +74,10 @@ class FaultKind:
     survives: bool  # True: the tenant must land exactly; False: it must fail, alone
     description: str
     error: type | None = None  # the error a failing kind must raise
-    fix: str = ""  # a fragment the error's fix must contain
+    fix: str | Callable[[Any], str] = ""  # a fragment the error's fix must contain, or the simulator's
+
+    def fix_for(self, simulator: Simulator | type[Simulator]) -> str:
+        return self.fix if isinstance(self.fix, str) else self.fix(simulator)
 
 
 KINDS: tuple[FaultKind, ...] = (
@@ -140,21 +86,22 @@ KINDS: tuple[FaultKind, ...] = (
     FaultKind("server_error", 0.03, True, "two 503s"),
     FaultKind("rate_limited", 0.005, True, "a 429 without any header"),
     FaultKind("rate_limited_retry_after", 0.005, True, "a 429 with Retry-After: 0.5"),
-    FaultKind("rate_limited_reset", 0.005, True, "a 429 with X-Rate-Limit-Reset: 1"),
+    FaultKind("rate_limited_reset", 0.005, True, "a 429 with the ERP's reset header: 1"),
     FaultKind("dropped_connection", 0.03, True, "a connection closed mid-response"),
     FaultKind("timeout", 0.01, True, "a request that never answers (client timeout)"),
     FaultKind("malformed_once", 0.03, True, "a truncated JSON body"),
     FaultKind("paging_accounts", 0.02, True, "an account created while the chart is paged"),
     FaultKind("paging_balances", 0.02, True, "a balance row inserted while a month is paged"),
     # permanent: the tenant fails alone, its error names it and the fix, nothing of it is stored
-    FaultKind("revoked_mid_run", 0.01, False, "Klienttilgang withdrawn after the tenant guard",
-              ClientAccessError, "Klienttilgang"),
-    FaultKind("api_access_withdrawn", 0.01, False, "API-tilgang unticked while balances are read",
-              ClientAccessError, "API-tilgang"),
-    FaultKind("erp_down", 0.005, False, "503 on every request", UpstreamError, "retry the partition later"),
+    FaultKind("revoked_mid_run", 0.01, False, "access revoked after the tenant guard",
+              ClientAccessError, operator.attrgetter("revoke_fix")),
+    FaultKind("api_access_withdrawn", 0.01, False, "API access denied while balances are read",
+              ClientAccessError, operator.attrgetter("deny_access_fix")),
+    FaultKind("erp_down", 0.005, False, "503 on every request once its extraction starts", UpstreamError,
+              "retry the partition later"),
     FaultKind("malformed_always", 0.005, False, "truncated JSON on every balance request",
               BadResponse, "retry the partition later"),
-    FaultKind("missing_field", 0.01, False, "balanceOut missing from every balance row",
+    FaultKind("missing_field", 0.01, False, "a required field missing from every balance row",
               BadResponse, "update the connector"),
     FaultKind("wrong_company", 0.01, False, "answers as another client from the start",
               TenantMismatch, "organisation number"),
@@ -167,19 +114,33 @@ RESET_SECONDS = 1
 SLOW_MS = 150
 
 
-def deal(tenants: list[TruthTenant], seed: int) -> dict[str, str]:
+def kinds_for(simulator: Simulator) -> tuple[FaultKind, ...]:
+    """The kinds this simulator can stage. A 429 announcing its pause in a reset header needs an
+    ERP whose API has rate-limit headers; for the others that kind is skipped (a plain 429 is
+    `rate_limited` already). `wrong_company` needs a client list separate from the identity."""
+    has_reset_header = simulator.harness.profile.rate_limit_headers is not None
+    skipped = set() if has_reset_header else {"rate_limited_reset"}
+    if not simulator.paths.paged_client_list:
+        # the listing asks each credential who it is: another company's identity from the start is
+        # what the client rules see (a duplicate number, refused there), not a tenant mismatch
+        skipped.add("wrong_company")
+    return tuple(k for k in KINDS if k.name not in skipped)
+
+
+def deal(tenants: list[TruthTenant], seed: int, scope_of: Callable[[TruthTenant], str],
+         kinds: tuple[FaultKind, ...] = KINDS) -> dict[str, str]:
     """Tenant scope → fault kind ("clean" for the rest). Each kind gets at least one tenant."""
     order = list(tenants)
     random.Random(seed).shuffle(order)
     assigned: dict[str, str] = {}
     position = 0
-    for kind in KINDS:
+    for kind in kinds:
         for _ in range(max(1, round(len(order) * kind.share))):
             if position < len(order):
-                assigned[str(order[position].erp_client_id)] = kind.name
+                assigned[scope_of(order[position])] = kind.name
                 position += 1
     for tenant in order[position:]:
-        assigned[str(tenant.erp_client_id)] = "clean"
+        assigned[scope_of(tenant)] = "clean"
     return assigned
 
 
@@ -189,7 +150,7 @@ def deal(tenants: list[TruthTenant], seed: int) -> dict[str, str]:
 @dataclasses.dataclass
 class Trigger:
     """Run `action` (once) when the `after + 1`-th API request matching tenant and path arrives,
-    before the sandbox handles it: "mid-run" at a reproducible point."""
+    before the simulator handles it: "mid-run" at a reproducible point."""
 
     action: Callable[[], Any]
     tenant: str | None = None
@@ -207,12 +168,12 @@ class TriggerMiddleware:
     async def __call__(self, scope, receive, send) -> None:
         if self.profile.is_api_request(scope):
             tenant = self.profile.tenant_of(scope)
-            relative = scope["path"].removeprefix(self.profile.api_prefix)
             with self._lock:
                 for trigger in self.triggers:
                     if trigger.fired or (trigger.tenant is not None and trigger.tenant != str(tenant)):
                         continue
-                    if trigger.path_prefix and not relative.startswith(trigger.path_prefix):
+                    if trigger.path_prefix and not path_matches(scope["path"], self.profile.api_prefix,
+                                                                trigger.path_prefix):
                         continue
                     trigger.seen += 1
                     if trigger.seen > trigger.after:
@@ -227,6 +188,7 @@ class TriggerMiddleware:
 @dataclasses.dataclass
 class ChaosReport:
     erp: str
+    kinds: tuple[FaultKind, ...] = KINDS  # the kinds dealt out (`kinds_for` the simulator)
     tenants: int = 0  # valid tenants listed (incl. the client created mid-listing)
     tenants_ok: int = 0
     tenants_failed: int = 0
@@ -240,13 +202,13 @@ class ChaosReport:
     accounts_duplicated: int = 0
     accounts_wrong: int = 0
     failed_tenants_touched: int = 0  # failed tenants whose previous rows were not kept exactly
-    requests: int = 0  # as the sandbox counted them
+    requests: int = 0  # as the simulator counted them
     retries: int = 0  # as the client counted them
     http_429s_received: int = 0  # by the client
-    http_429s_sent: int = 0  # by the sandbox (injected + its rate limiter)
+    http_429s_sent: int = 0  # by the simulator (injected + its rate limiter)
     http_429s_from_limit: int = 0
-    sessions_minted: int = 0
-    session_bound: int = 0
+    tokens_minted: int | None = None  # as the simulator issued them; None: it names no token request
+    token_bound: int = 0
     requests_per_tenant_clean: int = 0  # the most any fault-free tenant needed
     requests_per_tenant_max: int = 0
     requests_per_tenant_bound: int = 0
@@ -266,6 +228,8 @@ class ChaosReport:
 
     def summary(self) -> str:
         injected = self.http_429s_sent - self.http_429s_from_limit
+        tokens = ("not counted (the simulator names no token request)" if self.tokens_minted is None
+                  else f"{self.tokens_minted} (bound {self.token_bound})")
         lines = [
             f"chaos run: {self.erp}, {self.tenants} tenants, {self.seconds:.1f} s",
             (f"  tenants ok / failed:   {self.tenants_ok} / {self.tenants_failed} (expected failures: "
@@ -275,14 +239,17 @@ class ChaosReport:
             (f"  rows wrong:            {self.rows_wrong}; accounts duplicated/wrong: {self.accounts_duplicated}/"
              f"{self.accounts_wrong}; failed tenants' previous rows touched: {self.failed_tenants_touched}"),
             f"  retries:               {self.retries}",
-            (f"  429s received:         {self.http_429s_received} (sandbox sent {self.http_429s_sent}: "
+            (f"  429s received:         {self.http_429s_received} (simulator sent {self.http_429s_sent}: "
              f"{injected} injected, {self.http_429s_from_limit} from its rate limit)"),
             (f"  requests:              {self.requests}; per tenant: clean ≤ {self.requests_per_tenant_clean}, "
              f"max {self.requests_per_tenant_max}, bound {self.requests_per_tenant_bound}"),
-            f"  sessions minted:       {self.sessions_minted} (bound {self.session_bound})",
+            f"  tokens minted:         {tokens}",
             "  faults fired:          " + ", ".join(f"{k}={v}" for k, v in sorted(self.faults_fired.items())),
         ]
-        for kind in KINDS:
+        skipped = [k.name for k in KINDS if k not in self.kinds]
+        if skipped:
+            lines.append(f"  kinds not staged:      {', '.join(skipped)} (no rate-limit headers in this ERP's API)")
+        for kind in self.kinds:
             outcome = self.outcomes.get(kind.name)
             if outcome:
                 lines.append(f"    {kind.name:<26} {dict(outcome)}")
@@ -312,64 +279,70 @@ class ChaosOptions:
     today: dt.date | None = None
 
 
-def run_chaos(work_dir: str | Path, options: ChaosOptions | None = None, target: ChaosTarget = TRIPLETEX,
+def run_chaos(work_dir: str | Path, options: ChaosOptions | None = None, erp: str = "tripletex",
               *, progress: Callable[[str], None] | None = None) -> ChaosReport:
+    """One chaos run of the registered ERP `erp` (it needs a simulator) in `work_dir`."""
     options = options or ChaosOptions()
     say = progress or (lambda _message: None)
+    spec = ERPS[erp]
+    if spec.simulator_class is None:
+        raise ValueError(f"{erp} has no simulator (no API); the chaos run needs one")
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     this_month = (options.today or dt.date.today()).replace(day=1)
     months = months_between(add_months(this_month, -(options.months - 1)), this_month)
     ledger = generate_ledger(options.tenants, seed=options.seed, first_month=months[0], last_month=months[-1],
                              client_id_base=80_000)
-    sandbox = target.make_sandbox(ledger, options.seed)
-    sandbox.harness.stats = RequestStats(log_size=max(20_000, options.tenants * 60))
-    if target.rate_limit is not None:
-        sandbox.harness.set_rate_limit(target.rate_limit)
-    assigned = deal(ledger.valid_tenants, options.seed)
-    triggers = _arm(target, sandbox, ledger, assigned, options)
-    app = TriggerMiddleware(sandbox.app, sandbox.harness.profile, triggers)
+    simulator = spec.simulator_class(ledger, fault_seed=options.seed)
+    simulator.harness.stats = RequestStats(log_size=max(20_000, options.tenants * 60))
+    if simulator.chaos_rate_limit is not None:
+        simulator.set_rate_limit(simulator.chaos_rate_limit)
+    kinds = kinds_for(simulator)
+    assigned = deal(ledger.valid_tenants, options.seed, simulator.scope_of, kinds)
+    triggers = _arm(simulator, ledger, assigned, options)
+    app = TriggerMiddleware(simulator.app, simulator.harness.profile, triggers)
 
     warehouse = Warehouse(work_dir / "warehouse.duckdb")
-    _seed_previous(warehouse, target.erp, ledger.valid_tenants, months)
+    _seed_previous(warehouse, erp, ledger.valid_tenants, months)
     store = TokenStore(work_dir / "tokens.enc", key=TokenStore.generate_key())
-    say(f"{target.erp}: {len(ledger.valid_tenants)} tenants, {len(months)} months, "
+    say(f"{erp}: {len(ledger.valid_tenants)} tenants, {len(months)} months, "
         f"{sum(1 for k in assigned.values() if k != 'clean')} with faults")
 
     started = time.perf_counter()
-    with serve(app, path=target.api_prefix) as url:
-        failures, connector_stats, minted = asyncio.run(
-            _extract(target, sandbox, url, warehouse, store, months, options, say)
+    with serve(app, path=simulator.api_prefix) as url:
+        failures, connector_stats = asyncio.run(
+            _extract(spec, simulator.environment(url), store, warehouse, months, options, say)
         )
     seconds = time.perf_counter() - started
-    report = _verify(target, sandbox, ledger, assigned, warehouse, months, failures, options)
+    report = _verify(simulator, ledger, assigned, kinds, warehouse, months, failures, options)
     report.seconds = seconds
     report.retries = connector_stats.retries
     report.http_429s_received = connector_stats.rate_limited
-    report.sessions_minted = minted
-    report.faults_fired = _fired(sandbox, triggers)
-    report.session_bound = 2 + sum(1 for k in assigned.values() if k == "revoked_mid_run")
-    if minted > report.session_bound:
-        report.unexpected.append(f"{minted} sessions minted, more than the bound {report.session_bound}")
+    report.faults_fired = _fired(simulator, triggers)
+    # one token to start, one after the mass expiry, one per revoked tenant (its 401 re-mints once)
+    report.token_bound = 2 + sum(1 for k in assigned.values() if k == "revoked_mid_run")
+    report.tokens_minted = _tokens_minted(simulator)
+    if report.tokens_minted is not None and report.tokens_minted > report.token_bound:
+        report.unexpected.append(f"{report.tokens_minted} tokens minted, more than the bound {report.token_bound}")
     if report.http_429s_received != report.http_429s_sent:
         report.unexpected.append(
-            f"the sandbox sent {report.http_429s_sent} 429s but the client counted {report.http_429s_received}")
+            f"the simulator sent {report.http_429s_sent} 429s but the client counted {report.http_429s_received}")
     return report
 
 
-async def _extract(target, sandbox, url, warehouse, store, months, options, say):
-    connector_class = ERPS[target.erp].connector_class
-    connector = connector_class(
-        **target.connector_kwargs(sandbox, url),
+async def _extract(spec: ErpSpec, environment: dict[str, str], store: TokenStore, warehouse: Warehouse,
+                   months: list[dt.date], options: ChaosOptions, say: Callable[[str], None]):
+    connector = spec.connector_class(
+        **connector_kwargs(spec, environment),
         page_size=options.page_size,
         timeout=options.client_timeout,
         retry=RetryPolicy(max_attempts=options.max_attempts),
         token_store=store,
     )
-    failures: dict[str, Exception] = {}
+    failures: dict[str, Exception] = {}  # by organisation number
     try:
         _, change = await refresh_clients(connector, warehouse)
-        active = list(warehouse.active_clients(target.erp, change.active).values())
+        active = list(warehouse.active_clients(spec.name, change.active).values())
         say(f"listed {len(change.active)} active tenants ({len(change.rejected)} rejected); extracting")
         done = 0
         async for batch in load_tenants(
@@ -377,67 +350,66 @@ async def _extract(target, sandbox, url, warehouse, store, months, options, say)
             batch_tenants=options.batch_tenants, tenant_concurrency=options.tenant_concurrency,
         ):
             for extract in batch.failed:
-                failures[extract.client.erp_client_id] = extract.error
+                failures[extract.client.org_number] = extract.error
             done += len(batch.loaded) + len(batch.failed)
             say(f"  {done}/{len(active)} tenants done ({len(failures)} failed)")
     finally:
         await connector.aclose()
-    return failures, connector.api.stats, connector.sessions_minted
+    return failures, connector.api.stats
 
 
-def _arm(target: ChaosTarget, sandbox: ChaosSandbox, ledger: TruthLedger, assigned: dict[str, str],
-         options: ChaosOptions) -> list[Trigger]:
+def _arm(simulator: Simulator, ledger: TruthLedger, assigned: dict[str, str], options: ChaosOptions) -> list[Trigger]:
     """Install every tenant's faults; return the mid-run triggers."""
-    faults = sandbox.harness.faults
-    by_scope = {target.scope_of(t): t for t in ledger.valid_tenants}
+    faults, paths = simulator.faults, simulator.paths
+    by_scope = {simulator.scope_of(t): t for t in ledger.valid_tenants}
     clean = [scope for scope, kind in assigned.items() if kind == "clean"]
     triggers: list[Trigger] = []
     for scope, kind in assigned.items():
         tenant = by_scope[scope]
-        client_id = tenant.erp_client_id
         if kind == "latency":
             faults.latency(SLOW_MS, tenant=scope)
         elif kind == "server_error":
             faults.server_error(503, times=2, tenant=scope)
         elif kind == "rate_limited":
-            faults.too_many_requests(1, tenant=scope, path_prefix=target.identity_path)
+            faults.too_many_requests(1, tenant=scope, path_prefix=paths.identity)
         elif kind == "rate_limited_retry_after":
-            faults.too_many_requests(1, retry_after=RETRY_AFTER_SECONDS, tenant=scope, path_prefix=target.identity_path)
+            faults.too_many_requests(1, retry_after=RETRY_AFTER_SECONDS, tenant=scope, path_prefix=paths.identity)
         elif kind == "rate_limited_reset":
-            faults.too_many_requests(1, reset_seconds=RESET_SECONDS, tenant=scope, path_prefix=target.identity_path)
+            faults.too_many_requests(1, reset_seconds=RESET_SECONDS, tenant=scope, path_prefix=paths.identity)
         elif kind == "dropped_connection":
-            faults.drop_connection(1, tenant=scope, path_prefix=target.balances_path)
+            faults.drop_connection(1, tenant=scope, path_prefix=paths.balances)
         elif kind == "timeout":
-            faults.timeout(options.hang_seconds, 1, tenant=scope, path_prefix=target.accounts_path)
+            faults.timeout(options.hang_seconds, 1, tenant=scope, path_prefix=paths.accounts)
         elif kind == "malformed_once":
-            faults.malformed_json(1, tenant=scope, path_prefix=target.balances_path)
-        elif kind == "paging_accounts":
-            sandbox.mutate_during_paging(target.accounts_path, "insert", position=0, after_requests=1, tenant=client_id)
-        elif kind == "paging_balances":
-            sandbox.mutate_during_paging(target.balances_path, "insert", position=0, after_requests=1, tenant=client_id)
+            faults.malformed_json(1, tenant=scope, path_prefix=paths.balances)
+        elif kind in ("paging_accounts", "paging_balances"):
+            path = paths.accounts if kind == "paging_accounts" else paths.balances
+            simulator.mutate_during_paging(path, "insert", position=0, after_requests=1, tenant=tenant.erp_client_id)
         elif kind == "revoked_mid_run":
-            triggers.append(Trigger(lambda c=client_id: sandbox.revoke_client_access(c), tenant=scope,
-                                    path_prefix=target.accounts_path))
+            triggers.append(Trigger(lambda t=tenant: simulator.revoke(t), tenant=scope, path_prefix=paths.accounts))
         elif kind == "api_access_withdrawn":
-            triggers.append(Trigger(lambda c=client_id: sandbox.set_api_access(c, False), tenant=scope,
-                                    path_prefix=target.balances_path))
-        elif kind == "erp_down":
-            faults.server_error(503, times=None, tenant=scope)
+            triggers.append(Trigger(lambda t=tenant: simulator.deny_access(t), tenant=scope,
+                                    path_prefix=paths.balances))
+        elif kind == "erp_down":  # from its first chart request on (a listing that fails is another story)
+            triggers.append(Trigger(lambda s=scope: faults.server_error(503, times=None, tenant=s), tenant=scope,
+                                    path_prefix=paths.accounts))
         elif kind == "malformed_always":
-            faults.malformed_json(None, tenant=scope, path_prefix=target.balances_path)
+            faults.malformed_json(None, tenant=scope, path_prefix=paths.balances)
         elif kind == "missing_field":
-            faults.drop_field("values.*.balanceOut", None, tenant=scope, path_prefix=target.balances_path)
+            faults.drop_field(simulator.required_balance_field, None, tenant=scope, path_prefix=paths.balances)
         elif kind in ("wrong_company", "switched_company"):
-            other = by_scope[clean[int(scope) % len(clean)]].erp_client_id if clean else client_id + 1
+            others = clean or [s for s in assigned if s != scope]
+            other = by_scope[others[tenant.erp_client_id % len(others)]]
             if kind == "wrong_company":
-                sandbox.impersonate(client_id, other)
+                simulator.swap_identity(tenant, other)
             else:  # after the guard of fetch_balances: only a guard after the read can see it
-                triggers.append(Trigger(lambda c=client_id, o=other: sandbox.impersonate(c, o), tenant=scope,
-                                        path_prefix=target.balances_path))
-    # for everyone: a new client while the client list is paged, and every session dying mid-run
-    sandbox.mutate_during_paging(target.client_list_path, "insert", position=0, after_requests=1)
+                triggers.append(Trigger(lambda t=tenant, o=other: simulator.swap_identity(t, o), tenant=scope,
+                                        path_prefix=paths.balances))
+    # for everyone: a new client while the client list is paged, and every token dying mid-run
+    if paths.paged_client_list:
+        simulator.mutate_during_paging(paths.clients, "insert", position=0, after_requests=1)
     expire_at = max(20, len(assigned) * 3)
-    triggers.append(Trigger(sandbox.expire_all_sessions, after=expire_at))
+    triggers.append(Trigger(simulator.expire_tokens, after=expire_at))
     return triggers
 
 
@@ -447,26 +419,35 @@ def _seed_previous(warehouse: Warehouse, erp: str, tenants: list[TruthTenant], m
                                run_id=PREVIOUS_RUN)
 
 
-def _fired(sandbox: ChaosSandbox, triggers: list[Trigger]) -> dict[str, int]:
+def _fired(simulator: Simulator, triggers: list[Trigger]) -> dict[str, int]:
     counts: Counter[str] = Counter()
-    for rule in sandbox.harness.faults.rules:
+    for rule in simulator.faults.rules:
         counts[rule.kind] += rule.fired
     counts["mid_run_actions"] = sum(t.fired for t in triggers)
     return dict(counts)
 
 
+def _tokens_minted(simulator: Simulator) -> int | None:
+    """The access tokens (sessions) the simulator issued: its answered token requests, or None
+    when it names no token request (`ApiPaths.token`: static tokens, or minted outside its API)."""
+    if simulator.paths.token is None:
+        return None
+    path = simulator.api_prefix + simulator.paths.token
+    return sum(1 for r in simulator.stats.requests() if r.path.startswith(path) and 200 <= (r.status or 0) < 300)
+
+
 # ---------------------------------------------------------------------------------------- checks
 
 
-def _verify(target: ChaosTarget, sandbox: ChaosSandbox, ledger: TruthLedger, assigned: dict[str, str],
+def _verify(simulator: Simulator, ledger: TruthLedger, assigned: dict[str, str], kinds: tuple[FaultKind, ...],
             warehouse: Warehouse, months: list[dt.date], failures: dict[str, Exception],
             options: ChaosOptions) -> ChaosReport:
-    report = ChaosReport(erp=target.erp)
-    erp = target.erp
-    statuses = {cid: status for cid, status in warehouse.query(
-        "SELECT erp_client_id, status FROM clients WHERE erp = ?", [erp])}
-    report.tenants_rejected = sum(1 for s in statuses.values() if s == ClientStatus.REJECTED)
-    valid = [t for t in ledger.valid_tenants]  # includes the client created while the list was paged
+    erp = simulator.erp
+    report = ChaosReport(erp=erp, kinds=kinds)
+    clients = warehouse.query("SELECT org_number, status FROM clients WHERE erp = ?", [erp])
+    report.tenants_rejected = sum(1 for _, status in clients if status == ClientStatus.REJECTED)
+    statuses = dict(clients)  # valid tenants' organisation numbers are unique (the client rules)
+    valid = list(ledger.valid_tenants)  # includes the client created while the list was paged
     report.tenants = len(valid)
     landed = _landed_balances(warehouse, erp)
     accounts = _landed_accounts(warehouse, erp)
@@ -476,16 +457,16 @@ def _verify(target: ChaosTarget, sandbox: ChaosSandbox, ledger: TruthLedger, ass
     report.accounts_duplicated = warehouse.query(
         "SELECT coalesce(sum(n - 1), 0) FROM (SELECT count(*) AS n FROM accounts WHERE erp = ? "
         "GROUP BY org_number, account_number)", [erp])[0][0]
+    phantom = simulator.paths.phantom_account
     for tenant in valid:
-        scope = target.scope_of(tenant)
-        kind = KIND.get(assigned.get(scope, "clean"))
+        kind = KIND.get(assigned.get(simulator.scope_of(tenant), "clean"))
         label = f"{tenant.name} (orgnr {tenant.org_number}"
-        error = failures.get(str(tenant.erp_client_id))
+        error = failures.get(tenant.org_number)
         truth = {(b.period, b.account_number): b for b in tenant.expected_balances(months)}
         rows = landed.get(tenant.org_number, {})
         name = kind.name if kind else "clean"
-        if statuses.get(str(tenant.erp_client_id)) != ClientStatus.OK and error is None:
-            report.unexpected.append(f"{label}): not extracted (status {statuses.get(str(tenant.erp_client_id))})")
+        if statuses.get(tenant.org_number) != ClientStatus.OK and error is None:
+            report.unexpected.append(f"{label}): not extracted (status {statuses.get(tenant.org_number)})")
             report.outcomes[name]["not extracted"] += 1
             continue
         if error is None:
@@ -500,8 +481,8 @@ def _verify(target: ChaosTarget, sandbox: ChaosSandbox, ledger: TruthLedger, ass
             report.rows_wrong += sum(1 for key, row in rows.items()
                                      if key not in truth or row[0] != _values(truth[key]) or row[1] != CHAOS_RUN)
             expected_accounts = {str(a.number): a.name for a in tenant.accounts}
-            if name == "paging_accounts" and target.phantom_account:
-                expected_accounts.setdefault(target.phantom_account, None)
+            if name == "paging_accounts" and phantom:
+                expected_accounts.setdefault(phantom, None)
             got = accounts.get(tenant.org_number, {})
             report.accounts_wrong += len(set(got) ^ set(expected_accounts)) + sum(
                 1 for number, title in got.items()
@@ -515,12 +496,13 @@ def _verify(target: ChaosTarget, sandbox: ChaosSandbox, ledger: TruthLedger, ass
         else:
             report.expected_failures += 1
             report.sample_errors.setdefault(kind.name, message)
+            fix = kind.fix_for(simulator)
             if not isinstance(error, kind.error):
                 report.unexpected.append(f"{label}): {kind.name} raised {type(error).__name__}, "
                                          f"expected {kind.error.__name__}: {message[:200]}")
-            if label not in message or "Fix:" not in message or kind.fix not in message.partition("Fix:")[2]:
+            if label not in message or "Fix:" not in message or fix not in message.partition("Fix:")[2]:
                 report.unexpected.append(f"{label}): {kind.name}: the error does not name the tenant and the "
-                                         f"fix ({kind.fix!r}): {message[:300]}")
+                                         f"fix ({fix!r}): {message[:300]}")
         # a failed tenant keeps exactly its previous rows
         previous = {key: (_values(b), PREVIOUS_RUN) for key, b in truth.items()}
         if rows != previous:
@@ -528,7 +510,7 @@ def _verify(target: ChaosTarget, sandbox: ChaosSandbox, ledger: TruthLedger, ass
             report.unexpected.append(f"{label}): failed, but its stored balances changed")
         if tenant.org_number in accounts:
             report.unexpected.append(f"{label}): failed, but a chart of accounts was stored for it")
-    _check_requests(target, sandbox, valid, assigned, options, report)
+    _check_requests(simulator, valid, assigned, options, report)
     return report
 
 
@@ -555,33 +537,33 @@ def _landed_accounts(warehouse: Warehouse, erp: str) -> dict[str, dict[str, str]
     return out
 
 
-def _check_requests(target: ChaosTarget, sandbox: ChaosSandbox, valid: list[TruthTenant],
-                    assigned: dict[str, str], options: ChaosOptions, report: ChaosReport) -> None:
+def _check_requests(simulator: Simulator, valid: list[TruthTenant], assigned: dict[str, str],
+                    options: ChaosOptions, report: ChaosReport) -> None:
     """No retry storms: per tenant, requests stay within a bound derived from a fault-free tenant;
     announced pauses (Retry-After, the reset header) are waited out before the next request."""
-    stats = sandbox.harness.stats
+    stats, scope_of = simulator.stats, simulator.scope_of
     snapshot = stats.snapshot()
     report.requests = snapshot["total"]
     report.http_429s_sent = snapshot["too_many_requests"]
     report.http_429s_from_limit = snapshot["faults"].get("rate_limited", 0)
     per_tenant = snapshot["by_tenant"]
     limited: Counter[str] = Counter(r.tenant for r in stats.requests(status=429) if r.fault == "rate_limited")
-    clean = [per_tenant.get(target.scope_of(t), 0) - limited[target.scope_of(t)]
-             for t in valid if assigned.get(target.scope_of(t)) == "clean"]
+    clean = [per_tenant.get(scope_of(t), 0) - limited[scope_of(t)]
+             for t in valid if assigned.get(scope_of(t)) == "clean"]
     report.requests_per_tenant_clean = max(clean, default=0)
     # The bound: what a fault-free tenant needs, plus every attempt the retry policy allows for the
     # requests a fault can hit at once (the months are read concurrently), plus one retry after a
-    # 401 (the session re-mint), plus the 429s the ERP's own limit sent this tenant. A retry storm
+    # 401 (the token re-mint), plus the 429s the ERP's own limit sent this tenant. A retry storm
     # (retries multiplying, or not stopping) cannot stay under it.
     extra = options.max_attempts * options.months + 1
     report.requests_per_tenant_bound = report.requests_per_tenant_clean + extra
-    report.requests_per_tenant_max = max((per_tenant.get(target.scope_of(t), 0) for t in valid), default=0)
+    report.requests_per_tenant_max = max((per_tenant.get(scope_of(t), 0) for t in valid), default=0)
     for tenant in valid:
-        scope = target.scope_of(tenant)
+        scope = scope_of(tenant)
         count, bound = per_tenant.get(scope, 0), report.requests_per_tenant_bound + limited[scope]
         if count > bound:
             trail = " ".join(
-                f"{r.path.removeprefix(target.api_prefix)}:{r.status or '-'}{'/' + r.fault if r.fault else ''}"
+                f"{r.path.removeprefix(simulator.api_prefix)}:{r.status or '-'}{'/' + r.fault if r.fault else ''}"
                 for r in sorted(stats.requests(tenant=scope), key=lambda r: r.started)
             )
             report.over_bound.append(
@@ -589,7 +571,7 @@ def _check_requests(target: ChaosTarget, sandbox: ChaosSandbox, valid: list[Trut
     # announced pauses are honoured: after the injected 429, that tenant's next request waits
     announced = {"rate_limited_retry_after": RETRY_AFTER_SECONDS, "rate_limited_reset": float(RESET_SECONDS)}
     for tenant in valid:
-        scope = target.scope_of(tenant)
+        scope = scope_of(tenant)
         pause = announced.get(assigned.get(scope, ""))
         if pause is None:
             continue

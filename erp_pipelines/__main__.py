@@ -1,0 +1,3 @@
+from erp_pipelines.cli import main
+
+raise SystemExit(main())

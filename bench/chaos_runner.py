@@ -26,7 +26,7 @@ A run:
 
 What "a page that changes while it is paged" must do (decided here, implemented by the connector
 kit's `paging.read_all`): paging over a list that shifts repeats or skips a row. The connector
-compares the ERP's version of the whole list on every page (e.g. Tripletex `versionDigest`) and the
+compares the ERP's version of the whole list on every page (e.g. a `versionDigest`) and the
 row keys; on a change it reads the list again from the start (at most 3 reads, then the tenant fails
 with "retry later"). The re-read list is what lands: a client created mid-listing is included, a
 repeated row never lands, a shifted-out row is never lost.
@@ -53,7 +53,7 @@ from erp_pipelines.erps.kit import RetryPolicy
 from erp_pipelines.errors import BadResponse, ClientAccessError, TenantMismatch, UpstreamError
 from erp_pipelines.model import Balance, ClientStatus, add_months, months_between
 from erp_pipelines.pipeline import load_tenants, refresh_clients
-from erp_pipelines.registry import ERPS, ErpSpec
+from erp_pipelines.registry import ERPS, ErpSpec, api_erps
 from erp_pipelines.sandbox.common import RequestStats, path_matches, serve
 from erp_pipelines.sandbox.ledger import TruthLedger, TruthTenant, generate_ledger
 from erp_pipelines.sandbox.simulator import Simulator
@@ -166,6 +166,8 @@ class TriggerMiddleware:
         self._lock = threading.Lock()
 
     async def __call__(self, scope, receive, send) -> None:
+        if self.profile.prepare_request is not None:  # a tenant named in the body (GraphQL)
+            receive = await self.profile.prepare_request(scope, receive)
         if self.profile.is_api_request(scope):
             tenant = self.profile.tenant_of(scope)
             with self._lock:
@@ -279,12 +281,12 @@ class ChaosOptions:
     today: dt.date | None = None
 
 
-def run_chaos(work_dir: str | Path, options: ChaosOptions | None = None, erp: str = "tripletex",
+def run_chaos(work_dir: str | Path, options: ChaosOptions | None = None, erp: str | None = None,
               *, progress: Callable[[str], None] | None = None) -> ChaosReport:
-    """One chaos run of the registered ERP `erp` (it needs a simulator) in `work_dir`."""
+    """One chaos run of the registered ERP `erp` (default: the first API ERP) in `work_dir`."""
     options = options or ChaosOptions()
     say = progress or (lambda _message: None)
-    spec = ERPS[erp]
+    spec = ERPS[erp] if erp else api_erps()[0]
     if spec.simulator_class is None:
         raise ValueError(f"{erp} has no simulator (no API); the chaos run needs one")
     work_dir = Path(work_dir)
@@ -299,7 +301,7 @@ def run_chaos(work_dir: str | Path, options: ChaosOptions | None = None, erp: st
         simulator.set_rate_limit(simulator.chaos_rate_limit)
     kinds = kinds_for(simulator)
     assigned = deal(ledger.valid_tenants, options.seed, simulator.scope_of, kinds)
-    triggers = _arm(simulator, ledger, assigned, options)
+    triggers: list[Trigger] = []  # armed once the simulator is served and the credentials are given
     app = TriggerMiddleware(simulator.app, simulator.harness.profile, triggers)
 
     warehouse = Warehouse(work_dir / "warehouse.duckdb")
@@ -308,10 +310,14 @@ def run_chaos(work_dir: str | Path, options: ChaosOptions | None = None, erp: st
     say(f"{erp}: {len(ledger.valid_tenants)} tenants, {len(months)} months, "
         f"{sum(1 for k in assigned.values() if k != 'clean')} with faults")
 
-    started = time.perf_counter()
     with serve(app, path=simulator.api_prefix) as url:
+        environment = simulator.environment(url)
+        simulator.prepare_credentials(environment, store)  # e.g. OAuth consents, before any fault
+        simulator.reset_stats()
+        triggers.extend(_arm(simulator, ledger, assigned, options))
+        started = time.perf_counter()
         failures, connector_stats = asyncio.run(
-            _extract(spec, simulator.environment(url), store, warehouse, months, options, say)
+            _extract(spec, environment, store, warehouse, months, options, say)
         )
     seconds = time.perf_counter() - started
     report = _verify(simulator, ledger, assigned, kinds, warehouse, months, failures, options)

@@ -1,6 +1,6 @@
 """Peak RSS of the extracting process for many tenants (a phase of `bench.run`, in its own process).
 
-    .venv/bin/python -m bench.rss --tenants 10000 [--latency-ms 0] [--limit 0]
+    .venv/bin/python -m bench.rss --erp <name> --tenants 10000 [--latency-ms 0] [--limit 0]
 
 Runs `pipeline.load_tenants` (accounts and balances, the daily two-month window) for every tenant of
 a sandbox served from a separate process (its memory is not counted), in a fresh interpreter that
@@ -28,7 +28,7 @@ from bench.server import SandboxProcess, SandboxSpec
 from erp_pipelines.erps.extract import ACCOUNTS, BALANCES
 from erp_pipelines.model import add_months, months_between
 from erp_pipelines.pipeline import load_tenants, refresh_clients
-from erp_pipelines.registry import ERPS
+from erp_pipelines.registry import api_erps
 from erp_pipelines.warehouse import Warehouse
 
 MB = 1024 * 1024
@@ -36,19 +36,20 @@ MB = 1024 * 1024
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.rss", description=__doc__.splitlines()[0])
+    parser.add_argument("--erp", choices=sorted(spec.name for spec in api_erps()), default=api_erps()[0].name)
     parser.add_argument("--tenants", type=int, default=10_000)
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--limit", type=int, default=0, help="requests per window (0: no limit)")
     parser.add_argument("--window-seconds", type=float, default=1.0)
     args = parser.parse_args(argv)
-    print(json.dumps(measure(args.tenants, args.latency_ms, args.limit or None, args.window_seconds)))
+    print(json.dumps(measure(args.erp, args.tenants, args.latency_ms, args.limit or None, args.window_seconds)))
     return 0
 
 
-def measure(tenants: int, latency_ms: float, limit: int | None, window_seconds: float) -> dict:
+def measure(erp: str, tenants: int, latency_ms: float, limit: int | None, window_seconds: float) -> dict:
     this = dt.date.today().replace(day=1)
     months = months_between(add_months(this, -1), this)
-    spec = SandboxSpec(tenants=tenants, first_month=months[0], last_month=this, limit=limit,
+    spec = SandboxSpec(erp=erp, tenants=tenants, first_month=months[0], last_month=this, limit=limit,
                        window_seconds=window_seconds, latency_ms=latency_ms)
     process = psutil.Process()
     peak = {"rss": process.memory_info().rss}
@@ -61,8 +62,7 @@ def measure(tenants: int, latency_ms: float, limit: int | None, window_seconds: 
 
     with SandboxProcess(spec) as sandbox, tempfile.TemporaryDirectory(prefix="bench-rss-") as work:
         warehouse = Warehouse(Path(work) / "warehouse.duckdb")
-        connector = ERPS["tripletex"].connector_class(
-            base_url=sandbox.url, consumer_token=sandbox.consumer_token, employee_token=sandbox.employee_token)
+        connector = sandbox.connector()
         after_batches: list[tuple[int, float]] = []
         counts = {"loaded": 0, "failed": 0, "rows": 0}
 

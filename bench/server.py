@@ -1,12 +1,19 @@
-"""A sandbox served from a child process, so its CPU time and memory are not the extractor's.
+"""Any registered ERP simulator served from a child process, so its CPU time and memory are not the
+extractor's.
 
-    with SandboxProcess(tenants=1000, first_month=..., last_month=..., limit=200, window_seconds=1,
-                        latency_ms=50) as sandbox:
-        sandbox.url            # http://127.0.0.1:PORT/v2
-        sandbox.reset_stats(); ...; sandbox.stats()
+    spec = SandboxSpec(erp=NAME, tenants=20, first_month=..., last_month=..., limit=4,
+                       window_seconds=1, max_in_flight=1, mode="sliding", latency_ms=50)
+    with SandboxProcess(spec) as sandbox:
+        sandbox.url                      # the API base, e.g. http://127.0.0.1:PORT/api/v2
+        sandbox.environment              # the connector's variables (+ a temporary token store)
+        connector = sandbox.connector()  # `config.connector_from_environment(erp, environment)`
+        sandbox.reset_stats(); ...; sandbox.stats(log=True)
 
 The child builds the same deterministic truth ledger (`generate_ledger` with the same arguments)
-the parent can rebuild to check results. Controls go through the sandbox's admin routes
+the parent can rebuild to check results, then `ERPS[erp].simulator_class(ledger, rate_limit=...)`
+with LIMIT requests per WINDOW_SECONDS counted the `mode` way (and at most MAX_IN_FLIGHT at once)
+per credential, adds LATENCY ms to every API request and prints one JSON line: the URL, the admin
+URL and `simulator.environment(url)`. Controls go through the simulator's admin routes
 (`/_sandbox/...`), which are neither rate limited nor counted.
 """
 
@@ -18,8 +25,10 @@ import datetime as dt
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Self
 
@@ -28,56 +37,81 @@ import httpx
 
 @dataclasses.dataclass(frozen=True)
 class SandboxSpec:
+    erp: str  # a name in `registry.ERPS` with a simulator
     tenants: int
     first_month: dt.date
     last_month: dt.date
-    limit: int | None = 200
+    limit: int | None = 200  # requests per window per credential; None: no limit
     window_seconds: float = 1.0
+    max_in_flight: int | None = None  # concurrent requests per credential; None: no cap
+    mode: str = "fixed"  # how the window counts: `sandbox.common.WINDOW_MODES`
     latency_ms: float = 50.0
     seed: int = 2026
 
+    def rate_limit(self) -> dict[str, Any]:
+        """The simulator's `RateLimitPolicy`, as JSON (also what the admin route takes)."""
+        return rate_limit_json(self.limit, self.window_seconds, self.max_in_flight, self.mode)
 
-def _serve(spec: SandboxSpec) -> None:  # runs in the child process
+
+def rate_limit_json(limit: int | None, window_seconds: float, max_in_flight: int | None = None,
+                    mode: str = "fixed") -> dict[str, Any]:
+    """A `sandbox.common.RateLimitPolicy` as JSON (`RateLimitPolicy.from_json`, the admin route)."""
+    return {"limit": limit, "window_seconds": window_seconds, "max_in_flight": max_in_flight, "mode": mode}
+
+
+def _serve(spec: SandboxSpec, token_store: dict[str, str]) -> None:  # runs in the child process
+    from erp_pipelines.registry import ERPS
     from erp_pipelines.sandbox.common import RateLimitPolicy
     from erp_pipelines.sandbox.ledger import generate_ledger
-    from erp_pipelines.sandbox.tripletex import TripletexSandbox
+    from erp_pipelines.tokens import PATH_VARIABLE, TokenStore
 
     ledger = generate_ledger(spec.tenants, seed=spec.seed, first_month=spec.first_month, last_month=spec.last_month)
-    sandbox = TripletexSandbox(ledger, rate_limit=RateLimitPolicy(limit=spec.limit, window_seconds=spec.window_seconds))
-    sandbox.faults.latency_ms = spec.latency_ms
-    with sandbox.serve() as url:
-        print(json.dumps({"url": url, "consumer_token": sandbox.consumer_token,
-                          "employee_token": sandbox.accountant_employee_token}), flush=True)
+    simulator = ERPS[spec.erp].simulator_class(ledger, rate_limit=RateLimitPolicy.from_json(spec.rate_limit()))
+    simulator.faults.latency_ms = spec.latency_ms
+    with simulator.serve() as url:
+        root = url.removesuffix(simulator.api_prefix)
+        environment = {**simulator.environment(url), **token_store}
+        simulator.prepare_credentials(environment, TokenStore.from_env(token_store[PATH_VARIABLE], token_store))
+        print(json.dumps({"url": url, "admin": root + "/_sandbox", "environment": environment}), flush=True)
         sys.stdin.read()  # until the parent closes our stdin (or goes away)
 
 
 class SandboxProcess:
-    """Context manager: a Tripletex sandbox in a child process (`python -m bench.server SPEC`)."""
+    """Context manager: one ERP simulator in a child process (`python -m bench.server SPEC`)."""
 
     def __init__(self, spec: SandboxSpec, *, startup_timeout: float = 120.0) -> None:
         self.spec = spec
         self.startup_timeout = startup_timeout
-        self.url = self.consumer_token = self.employee_token = ""
+        self.url = ""
+        self.environment: dict[str, str] = {}
         self._process: subprocess.Popen | None = None
         self._admin: httpx.Client | None = None
+        self._tokens: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def erp(self) -> str:
+        return self.spec.erp
 
     def __enter__(self) -> Self:
         argument = json.dumps({**dataclasses.asdict(self.spec), "first_month": self.spec.first_month.isoformat(),
                                "last_month": self.spec.last_month.isoformat()})
+        self._tokens = tempfile.TemporaryDirectory(prefix=f"bench-tokens-{self.spec.erp}-")
+        token_store = self.token_store(Path(self._tokens.name) / "tokens.enc")
         root = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "bench.server", argument], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [sys.executable, "-m", "bench.server", argument, json.dumps(token_store)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             cwd=root, env=env, text=True,
         )
         ready = select.select([self._process.stdout], [], [], self.startup_timeout)[0]
         line = self._process.stdout.readline() if ready else ""
         if not line:
             self.__exit__(None, None, None)
-            raise RuntimeError("the sandbox process did not start")
+            raise RuntimeError(f"the {self.spec.erp} sandbox process did not start")
         info = json.loads(line)
-        self.url, self.consumer_token, self.employee_token = info["url"], info["consumer_token"], info["employee_token"]
-        self._admin = httpx.Client(base_url=self.url.removesuffix("/v2") + "/_sandbox", timeout=30)
+        self.url = info["url"]
+        self.environment = info["environment"]  # with the token store the child prepared (e.g. OAuth consents)
+        self._admin = httpx.Client(base_url=info["admin"], timeout=30)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -92,14 +126,47 @@ class SandboxProcess:
                 self._process.terminate()
                 self._process.wait(timeout=5)
             self._process.stdout.close()
+        if self._tokens is not None:
+            self._tokens.cleanup()
 
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    # -- the connector
+    @staticmethod
+    def token_store(path: Path) -> dict[str, str]:
+        """The variables of a new encrypted token store at `path`."""
+        from erp_pipelines.tokens import KEY_VARIABLE, PATH_VARIABLE, TokenStore
+
+        return {PATH_VARIABLE: str(path), KEY_VARIABLE: TokenStore.generate_key()}
+
+    def copy_of_token_store(self, path: Path) -> dict[str, str]:
+        """The variables of a copy at `path` of the token store the simulator prepared: what a new
+        process finds after onboarding (consents stored, no session cached)."""
+        from erp_pipelines.tokens import PATH_VARIABLE
+
+        prepared = Path(self.environment[PATH_VARIABLE])
+        path.unlink(missing_ok=True)
+        if prepared.exists():
+            shutil.copyfile(prepared, path)
+            path.chmod(0o600)
+        return {**self.environment, PATH_VARIABLE: str(path)}
+
+    def connector(self, environment: dict[str, str] | None = None, **options: Any):
+        """The ERP's connector from `environment` (default: this sandbox's), as the command line
+        builds it (`config.connector_from_environment`); `options`: transport, throttle, retry, ..."""
+        from erp_pipelines.config import connector_from_environment
+
+        return connector_from_environment(self.spec.erp, environment or self.environment, **options)
+
+    def env(self, warehouse: str) -> dict[str, str]:
+        """The environment `erp_pipelines.definitions` reads, pointing at this sandbox."""
+        return {"ERP_WAREHOUSE_PATH": warehouse, "ERP_SOURCES": self.spec.erp, **self.environment}
+
     # -- admin
     def stats(self, *, log: bool = False) -> dict[str, Any]:
-        """Request counts; with `log`, also the sandbox's request log (its last 20,000 requests)."""
+        """Request counts; with `log`, also the simulator's request log (its last 20,000 requests)."""
         return self._admin.get("/stats", params={"log": 20_000} if log else None).raise_for_status().json()
 
     def reset_stats(self) -> None:
@@ -108,21 +175,13 @@ class SandboxProcess:
     def set_latency(self, ms: float) -> None:
         self._admin.post("/faults", json={"latency_ms": ms}).raise_for_status()
 
-    def set_rate_limit(self, limit: int | None, window_seconds: float = 1.0) -> None:
-        self._admin.put("/rate-limit", json={"limit": limit, "window_seconds": window_seconds}).raise_for_status()
-
-    def env(self, warehouse: str) -> dict[str, str]:
-        """The environment `erp_pipelines.definitions` reads, pointing at this sandbox."""
-        return {
-            "ERP_WAREHOUSE_PATH": warehouse,
-            "ERP_SOURCES": "tripletex",
-            "TRIPLETEX_BASE_URL": self.url,
-            "TRIPLETEX_CONSUMER_TOKEN": self.consumer_token,
-            "TRIPLETEX_EMPLOYEE_TOKEN": self.employee_token,
-        }
+    def set_rate_limit(self, limit: int | None, window_seconds: float = 1.0, max_in_flight: int | None = None,
+                       mode: str = "fixed") -> None:
+        policy = rate_limit_json(limit, window_seconds, max_in_flight, mode)
+        self._admin.put("/rate-limit", json=policy).raise_for_status()
 
 
 if __name__ == "__main__":
     given = json.loads(sys.argv[1])
     given["first_month"], given["last_month"] = (dt.date.fromisoformat(given[k]) for k in ("first_month", "last_month"))
-    _serve(SandboxSpec(**given))
+    _serve(SandboxSpec(**given), json.loads(sys.argv[2]))

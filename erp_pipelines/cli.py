@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("env-example", help="print .env.example, written from every connector's settings")
     consent = commands.add_parser(
-        "consent", help="give an OAuth consent for an ERP (Fiken and others with authorisation-code login)",
+        "consent", help="give an OAuth consent for an ERP with authorisation-code login",
         description="Prints the authorise URL, opens a browser, waits on <ERP>_REDIRECT_URI for the answer, "
         "stores the tokens in the encrypted token store and prints the companies consented. If the login "
         "shows no company to choose, turn off the default company (standardfirma) in the ERP and try again.",

@@ -34,6 +34,7 @@ def sandbox_environment(port: int = 0) -> Iterator[dict[str, str]]:
     from erp_pipelines.registry import api_erps
     from erp_pipelines.sandbox.ledger import generate_ledger
     from erp_pipelines.sandbox.saft import write_demo_drop
+    from erp_pipelines.tokens import TokenStore
 
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
     drop_dir = DEMO_DIR / "saft-drop"
@@ -47,6 +48,7 @@ def sandbox_environment(port: int = 0) -> Iterator[dict[str, str]]:
             simulator.prepare_demo()
             url = stack.enter_context(simulator.serve(port=port + offset if port else 0))
             env.update(simulator.environment(url))
+            simulator.prepare_credentials(env, TokenStore.from_env(env["ERP_WAREHOUSE_PATH"], env))
             env[f"{spec.env_prefix}HISTORY_START"] = ledger.first_month.isoformat()
         yield env
 

@@ -51,6 +51,8 @@ ERPS: dict[str, ErpSpec] = {
         ErpSpec("tripletex", "erp_pipelines.erps.tripletex:TripletexConnector", "erp_pipelines.sandbox.tripletex:TripletexSandbox"),
         ErpSpec("fiken", "erp_pipelines.erps.fiken:FikenConnector", "erp_pipelines.sandbox.fiken:FikenSandbox"),
         ErpSpec("poweroffice", "erp_pipelines.erps.poweroffice:PowerOfficeConnector", "erp_pipelines.sandbox.poweroffice:PowerOfficeSandbox"),
+        ErpSpec("vismanet", "erp_pipelines.erps.vismanet:VismaNetConnector", "erp_pipelines.sandbox.vismanet:VismaNetSandbox"),
+        ErpSpec("eaccounting", "erp_pipelines.erps.eaccounting:EAccountingConnector", "erp_pipelines.sandbox.eaccounting:EAccountingSandbox"),
         ErpSpec("saft", "erp_pipelines.erps.saft:SaftConnector"),
     )
 }

@@ -2,8 +2,8 @@
 
 What it holds: session tokens (cached between runs, so a run does not mint a new session
 each time) and, for ERPs with OAuth, the rotating refresh tokens that must survive from one run to
-the next (eAccounting). Entries are keyed by a hash of the credential they belong to
-(`credential_key`), never by the credential itself.
+the next (losing the newest one loses the consent). Entries are keyed by a hash of the credential
+they belong to (`credential_key`), never by the credential itself.
 
 - One file (`ERP_TOKEN_STORE_PATH`, default `tokens.enc` next to the warehouse), the whole JSON
   document encrypted with Fernet (AES-128-CBC + HMAC-SHA256, from `cryptography`).

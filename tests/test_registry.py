@@ -26,7 +26,9 @@ def _allowed(path: Path, erp: str) -> bool:
     return (
         relative in (f"erp_pipelines/erps/{erp}.py", f"erp_pipelines/sandbox/{erp}.py")
         or relative.startswith(f"specs/{erp}/")
+        or (relative.startswith("specs/") and not relative.endswith(".py"))  # vendors' documents, not our code
         or (relative.startswith("tests/") and relative not in SHARED_TESTS and not relative.startswith("tests/contract/"))
+        or (relative.startswith("bench/") and erp in Path(relative).name)  # e.g. bench/<erp>_peers.py
     )
 
 

@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -113,6 +113,9 @@ class ErpProfile:
     tenant_of: Callable[[Scope], str | None] = lambda scope: None  # which tenant a request is for
     request_id_header: str | None = None
     rate_limit_headers: RateLimitHeaderNames | None = None
+    # for APIs that name the tenant in the body (GraphQL): reads it into the scope before anything
+    # looks at the request, and returns the `receive` that replays the body
+    prepare_request: Callable[[Scope, Receive], Awaitable[Receive]] | None = None
 
     def is_api_request(self, scope: Scope) -> bool:
         if scope["type"] != "http":
@@ -174,6 +177,7 @@ class RequestRecord:
     started: float  # time.monotonic()
     duration_ms: float
     request_id: str
+    rate_limit_reason: str | None = None  # why the limiter refused ("window exhausted", "too many in flight")
 
 
 class RequestStats:
@@ -310,6 +314,7 @@ class RequestStatsMiddleware:
                 tenant=None if facts["tenant"] is None else str(facts["tenant"]),
                 credential=facts["credential"],
                 fault=facts.get("fault"),
+                rate_limit_reason=facts.get("rate_limit_reason"),
                 started=started,
                 duration_ms=(time.monotonic() - started) * 1000,
                 request_id=request_id,
@@ -508,6 +513,7 @@ class RateLimitMiddleware:
             headers = [(names.limit, str(decision.limit)), (names.remaining, str(decision.remaining))]
         if not decision.allowed:
             request_facts(scope)["fault"] = "rate_limited"
+            request_facts(scope)["rate_limit_reason"] = decision.reason
             policy = limiter.policy
             if names and decision.reset_seconds is not None and policy.reset_header_on_429:
                 headers.append((names.reset, str(decision.reset_seconds)))

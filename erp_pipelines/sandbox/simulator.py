@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 from erp_pipelines.sandbox.common import RateLimitPolicy, SandboxHarness, serve
 from erp_pipelines.sandbox.ledger import TruthLedger, TruthTenant
+from erp_pipelines.tokens import TokenStore
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Simulator(abc.ABC):
     default_rate_limit: ClassVar[RateLimitPolicy]
     chaos_rate_limit: ClassVar[RateLimitPolicy | None] = None  # the chaos run's own limit, if it wants one
     contract_rate_limit: ClassVar[RateLimitPolicy]  # the limit as the real ERP enforces it (contract suite)
+    bench_rate_limit: ClassVar[RateLimitPolicy | None] = None  # `make bench`'s limit where none is published
     revoke_fix: ClassVar[str]
     """A fragment of the connector's fix for a tenant after `revoke` (e.g. the access to re-grant)."""
     deny_access_fix: ClassVar[str]
@@ -78,6 +80,11 @@ class Simulator(abc.ABC):
 
     def prepare_demo(self) -> None:
         """Shape the demo's data (e.g. one client that has not granted API access)."""
+
+    def prepare_credentials(self, environment: dict[str, str], store: TokenStore) -> None:
+        """Give the connector what `environment` cannot hold, before it runs against this simulator
+        served at `environment`'s URLs: e.g. the OAuth consents an authorisation-code ERP keeps in
+        the token `store`, given through the real consent flow. May update `environment`."""
 
     # ------------------------------------------------------------------ tenants
 

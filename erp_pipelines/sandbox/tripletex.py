@@ -411,6 +411,7 @@ class TripletexSandbox(Simulator):
     # a window the chaos run touches now and then (its 429s carry no reset header, like the real API's)
     chaos_rate_limit = RateLimitPolicy(limit=400, window_seconds=2.0)
     contract_rate_limit = RateLimitPolicy(limit=20, window_seconds=1.0)  # Tripletex publishes no number
+    bench_rate_limit = RateLimitPolicy(limit=200, window_seconds=1.0)
     revoke_fix = "Klienttilgang"  # the accountant key's link to the client
     deny_access_fix = "API-tilgang"  # the client's API access for the firm
     required_balance_field = "values.*.balanceOut"

@@ -16,7 +16,7 @@ from erp_pipelines.registry import api_erps
 from erp_pipelines.sandbox.common import WINDOW_MODES
 
 TINY = BenchOptions(compliance_seconds=0.5, tenants=5, latency_ms=0, limit=1000, full_sync_tenants=3,
-                    full_sync_months=3, peer_tenants=3, duckdb_rows=600, rss_tenants=5)
+                    full_sync_months=3, peer_tenants=3, duckdb_rows=600, rss_tenants=5, pool_requests=64)
 
 
 def test_benchmark_code_path_yields_every_figure_and_identical_peer_results(tmp_path):
@@ -52,6 +52,8 @@ def test_benchmark_code_path_yields_every_figure_and_identical_peer_results(tmp_
         assert figures["peers"][name] > 0
     assert figures["duckdb"]["insert_rows_per_s"] > 0 and figures["duckdb"]["replace_duckdb_rows_per_s"] > 0
     assert figures["rss"]["tenants"] == 5 and figures["rss"]["peak_rss_mb"] > 0
+    for row in figures["pool"]["rows"]:  # both pools answered every request
+        assert row["httpx_cpu_us"] > 0 and row["sharded_cpu_us"] > 0 and row["sharded_per_s"] > 0
 
     # results.md: both sections written in place, every other section kept
     compliance, section = render_compliance(figures, "pytest"), render(figures, "pytest")

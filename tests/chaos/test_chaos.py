@@ -4,6 +4,8 @@ Every ERP with a simulator in the registry runs it."""
 
 import asyncio
 import datetime as dt
+import tempfile
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,6 +16,7 @@ from erp_pipelines.model import classify_clients
 from erp_pipelines.registry import ERPS, api_erps
 from erp_pipelines.sandbox.common import path_matches
 from erp_pipelines.sandbox.ledger import generate_ledger
+from erp_pipelines.tokens import TokenStore
 
 API_ERPS = [spec.name for spec in api_erps()]
 
@@ -97,8 +100,10 @@ def _ledger():
 def _connector(erp, simulator, page_size=8):
     spec = ERPS[erp]
     environment = simulator.environment(f"http://{erp}.sandbox{simulator.api_prefix}")
+    store = TokenStore(Path(tempfile.mkdtemp()) / "tokens.enc", key=TokenStore.generate_key())
+    simulator.prepare_credentials(environment, store)  # e.g. OAuth consents
     return spec.connector_class(**connector_kwargs(spec, environment), transport=httpx.ASGITransport(app=simulator.app),
-                                page_size=page_size)
+                                page_size=page_size, token_store=store)
 
 
 @pytest.mark.parametrize("erp", API_ERPS)

@@ -57,6 +57,8 @@ def serve_erp(erp: str, tmp_path: Path, *, tenants: int = 4, months: int = 3,
             PATH_VARIABLE: str(tmp_path / "tokens.enc"),
             KEY_VARIABLE: TokenStore.generate_key(),
         }
+        simulator.prepare_credentials(environment, TokenStore(environment[PATH_VARIABLE], key=environment[KEY_VARIABLE]))
+        simulator.reset_stats()  # the suite counts the run's requests only
         yield Served(erp, simulator, ledger, environment, window, Warehouse(tmp_path / "warehouse.duckdb"), page_size)
 
 

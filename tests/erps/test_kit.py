@@ -87,7 +87,7 @@ def test_limit_learned_from_rate_limit_headers_is_used_with_at_most_one_percent_
     assert run.rate_limited(after=after_first) <= 0.01 * run.sent(after=after_first)
     assert run.ok_within(SECONDS) / (10 * SECONDS) >= 0.9
     assert throttle.allowed_rate() == 10
-    assert throttle.ceiling == pytest.approx(9.5)
+    assert throttle.ceiling == pytest.approx(10 * Throttle.HEADROOM)
 
 
 async def sent_ticket(throttle):
@@ -99,7 +99,7 @@ async def sent_ticket(throttle):
 def test_a_429_halves_the_rate_once_per_incident_pauses_for_retry_after_and_recovers():
     clock = FakeClock()
     throttle = Throttle(RateLimit(requests_per_second=10), clock=clock, sleep=clock.sleep)
-    assert throttle.rate == throttle.ceiling == pytest.approx(9.5)
+    assert throttle.rate == throttle.ceiling == pytest.approx(10 * Throttle.HEADROOM)
 
     async def incident():
         out = [await sent_ticket(throttle) for _ in range(3)]
@@ -110,19 +110,19 @@ def test_a_429_halves_the_rate_once_per_incident_pauses_for_retry_after_and_reco
 
     pauses, hit_at, after = clock.run(incident())
     assert pauses == [2.0, 2.0, 2.0]
-    assert throttle.rate == pytest.approx(4.75)  # three 429s of one incident: one cut
+    assert throttle.rate == pytest.approx(10 * Throttle.HEADROOM / 2)  # three 429s of one incident: one cut
     assert after.sent == pytest.approx(hit_at + 2.0)  # nothing was sent during Retry-After
 
     simulate(throttle, clock, mode="sliding", limit=10, seconds=4.0)
-    assert 4.75 < throttle.rate < 9.5  # climbing back
+    assert 10 * Throttle.HEADROOM / 2 < throttle.rate < 10 * Throttle.HEADROOM  # climbing back
     simulate(throttle, clock, mode="sliding", limit=10, seconds=10.0)
-    assert throttle.rate == pytest.approx(9.5)  # back at the ceiling within RECOVERY_SECONDS
+    assert throttle.rate == pytest.approx(10 * Throttle.HEADROOM)  # back at the ceiling within RECOVERY_SECONDS
 
     async def second_incident():
         throttle.on_rate_limited(await sent_ticket(throttle), httpx.Headers({"Retry-After": "1"}))
 
     clock.run(second_incident())
-    assert throttle.rate == pytest.approx(4.75)  # a request sent after the cut is a new incident
+    assert throttle.rate == pytest.approx(10 * Throttle.HEADROOM / 2)  # a request sent after the cut is a new incident
 
 
 def test_a_429_without_retry_after_pauses_until_the_reset_header():
@@ -139,7 +139,7 @@ def test_a_429_without_retry_after_pauses_until_the_reset_header():
     pause, hit_at, retry_after_wins, after = clock.run(incident())
     assert pause == 3.0 and retry_after_wins == 1.0
     assert after.sent == pytest.approx(hit_at + 3.0 + 1.0)
-    assert throttle.rate == pytest.approx(9.5 / 4)  # two incidents: the second was sent after the first cut
+    assert throttle.rate == pytest.approx(10 * Throttle.HEADROOM / 4)  # two incidents: the second was sent after the first cut
 
 
 def test_shared_throttle_is_one_per_credential_and_caps_in_flight_across_event_loops():

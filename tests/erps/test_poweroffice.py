@@ -65,3 +65,18 @@ def test_a_refused_integration_key_is_an_auth_error_naming_it(poweroffice, varia
     with pytest.raises(AuthError) as caught:
         run({**env, variable: "0" * 32}, lambda connector: connector.list_clients())
     assert variable in str(caught.value) and "0" * 32 not in str(caught.value)
+
+
+def test_a_client_the_erp_cannot_describe_for_a_moment_keeps_its_registry_entry(poweroffice, tmp_path):
+    from erp_pipelines.pipeline import refresh_clients
+    from erp_pipelines.warehouse import Warehouse
+
+    sandbox, ledger, env = poweroffice
+    warehouse = Warehouse(tmp_path / "warehouse.duckdb")
+    flaky = ledger.valid_tenants[0]
+    run(env, lambda connector: refresh_clients(connector, warehouse))
+    sandbox.faults.server_error(503, times=None, tenant=sandbox.scope_of(flaky))
+    _, change = run(env, lambda connector: refresh_clients(connector, warehouse))
+    assert flaky.org_number not in change.active and change.revoked == []
+    status = warehouse.query("SELECT status FROM clients WHERE org_number = ?", [flaky.org_number])
+    assert status == [("ok",)]

@@ -203,18 +203,23 @@ def oauth_form(grant_type: str, **params: Any) -> dict[str, str]:
 
 
 class ClientCredentials(MintedToken):
-    """OAuth2 client credentials: client id and secret sent as HTTP Basic (client_secret_basic)."""
+    """OAuth2 client credentials: client id and secret sent as HTTP Basic (`client_secret_basic`,
+    the default) or in the form body (`client_secret_post`, RFC 6749 §2.3.1)."""
 
     def __init__(
         self, client: ApiClient, token_url: str, client_id: str, client_secret: str, *, refused: TokenRefused,
         scope: str | None = None, params: Mapping[str, str] | None = None, headers: Mapping[str, str] | None = None,
-        store: TokenStore | None = None, store_entry: str | None = None,
+        store: TokenStore | None = None, store_entry: str | None = None, client_auth: str = "client_secret_basic",
     ) -> None:
         super().__init__(store=store, store_entry=store_entry)
+        if client_auth not in ("client_secret_basic", "client_secret_post"):
+            raise ValueError(f"unknown client authentication {client_auth!r}")
         register_secret(client_secret)
         self._client, self._url, self._refused = client, token_url, refused
-        self._basic = (client_id, client_secret)
-        self._form = oauth_form("client_credentials", scope=scope, **dict(params or {}))
+        in_body = client_auth == "client_secret_post"
+        self._basic = None if in_body else (client_id, client_secret)
+        credentials = {"client_id": client_id, "client_secret": client_secret} if in_body else {}
+        self._form = oauth_form("client_credentials", scope=scope, **credentials, **dict(params or {}))
         self._headers = headers
 
     async def mint(self) -> Token:

@@ -32,6 +32,7 @@ import tenacity
 
 from erp_pipelines.erps.kit.auth import TokenAuth
 from erp_pipelines.erps.kit.throttle import Throttle
+from erp_pipelines.erps.kit.transport import ShardedTransport
 from erp_pipelines.errors import BadResponse, ErpError, RateLimited, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class ApiClient:
         self.stats = HttpStats()
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/",
-            transport=transport,
+            transport=transport or ShardedTransport.for_in_flight(throttle.limit.max_in_flight or Throttle.IN_FLIGHT_CEILING),
             timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
             headers={"Accept": "application/json", **(headers or {})},
         )
@@ -170,12 +171,14 @@ class ApiClient:
         tenant: str | None = None,
         decode: bool | str = False,
         map_error: ErrorMapper | None = None,
+        throttle: Throttle | None = None,
     ) -> Any:
         """Send with retries; returns the 2xx response (with `decode`: its JSON body, None for an
         empty body) or raises a mapped `ErpError` carrying `attempts`. `path` may be absolute (a
-        token endpoint on another host); `map_error` replaces the connector's mapper for this call."""
+        token endpoint on another host); `map_error` replaces the connector's mapper for this call;
+        `throttle` the client's for an ERP whose limit is per tenant, not per credential."""
         context = RequestContext(method, path, tenant)
-        state = {"reminted": False, "attempt": 0}
+        state = {"reminted": False, "attempt": 0, "throttle": throttle or self.throttle}
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(self.retry.max_attempts),
             wait=self._wait,
@@ -209,7 +212,8 @@ class ApiClient:
         token = await auth.token() if isinstance(auth, TokenAuth) else None
         url = context.path if "://" in context.path else context.path.lstrip("/")
         queued_at = time.monotonic()
-        async with self.throttle.slot() as ticket:
+        throttle: Throttle = state["throttle"]
+        async with throttle.slot() as ticket:
             self.stats.throttled_seconds += time.monotonic() - queued_at
             self.stats.requests += 1
             try:
@@ -227,20 +231,20 @@ class ApiClient:
         self.stats.by_status[status] += 1
         if status == 429:
             self.stats.rate_limited += 1
-            pause = self.throttle.on_rate_limited(ticket, response.headers)
+            pause = throttle.on_rate_limited(ticket, response.headers)
             log.debug("%s %s: 429, pausing %.2fs", context.method, context.path, pause)
             raise _Again(RateLimited(
                 f"{context.method} {_shown(context.path)} still rate limited", erp=self.erp,
                 fix="lower the concurrency for this credential or retry later",
             ), back_off=False)
-        self.throttle.observe(ticket, response.headers)
+        throttle.observe(ticket, response.headers)
         if status == 401 and token is not None and auth.can_remint and not state["reminted"]:
             state["reminted"] = True
             await auth.token(stale=token)
             raise _Again(UpstreamError(f"{context.method} {_shown(context.path)}: HTTP 401", erp=self.erp),
                          back_off=False, is_retry=False)
         if response.is_success:
-            return self._accept(response, context, decode)
+            return self._accept(response, context, decode, throttle)
         body = safe_json(response)
         mapped = map_error(response, body, context) if map_error else None
         if mapped is None and status in RETRY_STATUSES:
@@ -252,7 +256,8 @@ class ApiClient:
             mapped = BadResponse(f"{context.method} {_shown(context.path)} answered HTTP {status}", erp=self.erp)
         raise mapped
 
-    def _accept(self, response: httpx.Response, context: RequestContext, decode: bool | str) -> Any:
+    def _accept(self, response: httpx.Response, context: RequestContext, decode: bool | str,
+                throttle: Throttle) -> Any:
         body: Any = response
         if decode:
             if not response.content or response.status_code == 204:
@@ -271,7 +276,7 @@ class ApiClient:
             return Reply(response.status_code, response.headers, body) if decode == "reply" else body
         if isinstance(rejected, RateLimited) and rejected.retryable:
             self.stats.rate_limited += 1
-            self.throttle.pause_for(rejected.retry_after or 1.0)
+            throttle.pause_for(rejected.retry_after or 1.0)
             raise _Again(rejected, back_off=False)
         raise rejected
 

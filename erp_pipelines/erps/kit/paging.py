@@ -3,9 +3,9 @@
 A style turns its state into the next request's parameters and a response into a `Page`:
 
 - `Offset`: `from`/`count` style offsets, with the list's version on every page;
-- `PageNumber`: `page`/`pageSize` (0- or 1-based) that ends by a page-count header, an
-  `X-Pagination` header without `nextPageLink`, a 204, or a short page; the reported total
-  serves as the list's version;
+- `PageNumber`: `page`/`pageSize` (0- or 1-based) that ends by a page-count header or a body
+  envelope's page count (`meta_key`), an `X-Pagination` header without `nextPageLink`, a 204, or a
+  short page; the reported total serves as the list's version;
 - `Cursor`: Relay `first`/`after`, rows under `edges[].node` or `items`, ended by
   `pageInfo.hasNextPage` (GraphQL, sent by POST: the connector's fetcher puts the parameters
   into the query's variables).
@@ -87,7 +87,8 @@ class Offset(PagingStyle):
 class PageNumber(PagingStyle):
     """Page-number paging. The end is, in order of trust: `page_count_header` (total pages),
     `X-Pagination`'s `nextPageLink` (when `pagination_header` is set), a 204 or an empty page, a
-    page shorter than `size`. `total_header` (or X-Pagination's `totalCount`) is the version."""
+    page shorter than `size`. `total_header` (or X-Pagination's `totalCount`, or the envelope's
+    `meta_total`) is the version. With `meta_key` the body is an envelope: rows at `items_key`."""
 
     size: int
     page_param: str = "page"
@@ -97,6 +98,9 @@ class PageNumber(PagingStyle):
     page_count_header: str | None = None
     total_header: str | None = None
     pagination_header: str | None = None
+    meta_key: str | None = None  # a body envelope's metadata object (e.g. "Meta"), read by the two below
+    meta_page_count: str | None = None  # its total-pages field
+    meta_total: str | None = None  # its total-rows field (the version)
 
     @property
     def start(self) -> int:  # type: ignore[override]
@@ -112,6 +116,14 @@ class PageNumber(PagingStyle):
         pages = _int(reply.headers.get(self.page_count_header)) if self.page_count_header else None
         if pages is not None:
             following = state + 1 if state + 1 - self.first_page < pages and items else None
+        if self.meta_key:
+            meta = reply.body.get(self.meta_key) if isinstance(reply.body, dict) else None
+            if not isinstance(meta, dict):
+                raise BadResponse(f"{where}: the response has no {self.meta_key!r} object")
+            version = meta.get(self.meta_total) if self.meta_total else version
+            pages = _int(meta.get(self.meta_page_count)) if self.meta_page_count else None
+            if pages is not None:
+                following = state + 1 if state + 1 - self.first_page < pages and items else None
         if self.pagination_header and reply.headers.get(self.pagination_header):
             meta = _json_header(reply.headers[self.pagination_header])
             version = meta.get("totalCount", meta.get("TotalCount", version))
@@ -206,10 +218,10 @@ async def read_all(
     )
 
 
-def _int(value: str | None) -> int | None:
+def _int(value: Any) -> int | None:
     try:
         return int(value) if value is not None else None
-    except ValueError:
+    except (TypeError, ValueError):
         return None
 
 

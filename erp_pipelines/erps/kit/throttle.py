@@ -10,7 +10,8 @@ and event loop that uses the credential (one subscription key may serve many cli
   waiting is what a sliding-window server punishes with a 429 storm.)
 - **The allowed rate** is the published one (`RateLimit.requests_per_second`) or, where none is
   published, `limit / window` from the ERP's rate-limit headers, the window being the longest
-  reset seen. Until either is known the rate is probed upward from `PROBE_START`.
+  reset seen. Where the headers will tell, the first request goes alone, unpaced, and its answer
+  sets the pace; where nothing will tell, the rate is probed upward from `PROBE_START`.
 - **AIMD.** A 429 halves the rate (once per incident: 429s of requests sent before the cut belong
   to it) and pauses every request of the credential for `Retry-After`, else the reset header, else
   a back-off. Each success then adds a little, so the rate climbs back to the ceiling in about
@@ -103,7 +104,8 @@ class Throttle:
         # in flight
         self.in_flight = 0
         self.peak_in_flight = 0
-        self._in_flight_limit = limit.max_in_flight or 2
+        self._probing = bool(limit.headers) and not published  # one request first: its headers set the pace
+        self._in_flight_limit = limit.max_in_flight or (1 if self._probing else 2)
         self._waiters: deque[_Waiter] = deque()
         self._latencies: deque[float] = deque(maxlen=100)
         # what the headers told
@@ -176,17 +178,24 @@ class Throttle:
                 now = self._clock()
                 at = max(now, self._next_send, self._paused_until)
                 if at <= now:
-                    self._next_send = max(self._next_send, now) + 1.0 / self.rate
+                    self._next_send = max(self._next_send, now) + self._interval
                     return self._take(now)
                 if self._paused_until <= now:  # reserve the paced send time
-                    self._next_send = at + 1.0 / self.rate
+                    self._next_send = at + self._interval
                     ticket = self._take(at)
                 else:
                     ticket = None
             self.waited_seconds += at - now
             await self._sleep(at - now)
-            if ticket is not None and self._clock() >= self._paused_until:
+            woke = self._clock()
+            # a turn missed by more than one interval (a busy event loop) is taken again, in the
+            # pace: late waiters must not all go at once, which is the burst pacing prevents
+            if ticket is not None and woke >= self._paused_until and woke - at <= max(self._interval, 0.02):
                 return ticket
+
+    @property
+    def _interval(self) -> float:
+        return 0.0 if self._probing else 1.0 / self.rate
 
     def _take(self, at: float) -> _Ticket:
         if self._credits is not None:
@@ -202,6 +211,9 @@ class Throttle:
             self._latencies.append(max(0.0, now - ticket.sent))
             self._backoff = 0
             self._read_headers(headers, now)
+            if self._probing:  # the probe counts in the pace it has just set
+                self._probing = False
+                self._next_send = max(self._next_send, ticket.sent + self._interval)
             if self.ceiling is None or self.rate < self.ceiling:
                 step = (self.ceiling or self.rate * 4) / (self.RECOVERY_SECONDS * max(self.rate, 1.0))
                 self.rate = self.rate + step if self.ceiling is None else min(self.ceiling, self.rate + step)
@@ -212,6 +224,7 @@ class Throttle:
         with self._lock:
             now = self._clock()
             self._read_headers(headers, now)
+            self._probing = False
             if ticket.generation == self._generation:  # the first 429 of this incident
                 self._generation += 1
                 self.rate = max(self.MIN_RATE, self.rate * 0.5)

@@ -29,10 +29,18 @@ import httpx
 from erp_pipelines.model import Account, Balance, Client, add_months, kroner
 from erp_pipelines.warehouse import Warehouse
 
+ERP = "tripletex"  # the API both peers are written against
 ACCOUNT_FIELDS = "number,name,type,saftCode,groupingCode,isInactive"
 BALANCE_FIELDS = "account(number,name),balanceIn,balanceChange,balanceOut"
 PAGE = 1000
 NOT_ALL_ZERO = "(opening <> 0 OR movement <> 0 OR closing <> 0)"
+
+
+def credentials(environment: dict[str, str]) -> tuple[str, str, str]:
+    """(base URL, consumer token, employee token) from the connector's variables (a simulator's
+    `environment(url)`)."""
+    return (environment["TRIPLETEX_BASE_URL"], environment["TRIPLETEX_CONSUMER_TOKEN"],
+            environment["TRIPLETEX_EMPLOYEE_TOKEN"])
 
 
 def mint_session(http: httpx.Client, consumer_token: str, employee_token: str) -> str:
@@ -107,8 +115,8 @@ def naive_extract(
 
 
 def _write(warehouse: Warehouse, accounts, balances, months) -> int:
-    return (warehouse.replace_accounts("tripletex", accounts).rows
-            + warehouse.replace_balances("tripletex", balances, months).rows)
+    return (warehouse.replace_accounts(ERP, accounts).rows
+            + warehouse.replace_balances(ERP, balances, months).rows)
 
 
 # ---------------------------------------------------------------------------------------- dlt
@@ -188,10 +196,10 @@ def warehouse_rows(warehouse: Warehouse) -> tuple[list[tuple], list[tuple]]:
     """(accounts, balances) of our warehouse, sorted, in the comparison shape (balances that are
     zero in opening, movement and closing left out: whether such rows are kept differs by extractor)."""
     accounts = warehouse.query(
-        "SELECT org_number, account_number, name, account_type FROM accounts WHERE erp = 'tripletex' ORDER BY ALL")
+        "SELECT org_number, account_number, name, account_type FROM accounts WHERE erp = ? ORDER BY ALL", [ERP])
     balances = warehouse.query(
         "SELECT org_number, period, account_number, opening, movement, closing FROM balances "
-        f"WHERE erp = 'tripletex' AND {NOT_ALL_ZERO} ORDER BY ALL")
+        f"WHERE erp = ? AND {NOT_ALL_ZERO} ORDER BY ALL", [ERP])
     return accounts, balances
 
 

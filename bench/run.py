@@ -197,6 +197,7 @@ def _compliance_erp(erp: str, modes: list[str], months: list[dt.date], first_mon
                        limit=limit.limit, window_seconds=limit.window_seconds, max_in_flight=limit.max_in_flight,
                        mode=modes[0], latency_ms=options.compliance_latency_ms, seed=options.seed)
     ledger = generate_ledger(tenants, seed=options.seed, first_month=first_month, last_month=months[-1])
+    ERPS[erp].simulator_class.shape_ledger(ledger)  # as the simulator in the child process does
     rows = []
     with SandboxProcess(spec) as sandbox:  # one simulator per ERP; each mode a fresh limiter
         for mode in modes:

@@ -42,15 +42,37 @@ def sandbox_environment(port: int = 0) -> Iterator[dict[str, str]]:
     shutil.copy(OFFICIAL_SAFT_EXAMPLE, drop_dir)  # Skatteetaten's example, with its known mismatches
     env = {"ERP_WAREHOUSE_PATH": str(DEMO_DIR / "warehouse.duckdb"), "SAFT_DROP_DIR": str(drop_dir)}
     with contextlib.ExitStack() as stack:
+        served = []
         for offset, spec in enumerate(api_erps()):
             ledger = generate_ledger(DEMO_TENANTS, seed=DEMO_SEED + offset, last_month=dt.date.today().replace(day=1))
             simulator = spec.simulator_class(ledger)
             simulator.prepare_demo()
             url = stack.enter_context(simulator.serve(port=port + offset if port else 0))
-            env.update(simulator.environment(url))
-            simulator.prepare_credentials(env, TokenStore.from_env(env["ERP_WAREHOUSE_PATH"], env))
+            served.append((simulator, simulator.environment(url)))
             env[f"{spec.env_prefix}HISTORY_START"] = ledger.first_month.isoformat()
+        for simulator_env in (simulator_env for _, simulator_env in served):
+            env.update(simulator_env)
+        env.update(_shared_identity_servers(served, stack, port + len(served) if port else 0))
+        for simulator, _ in served:
+            simulator.prepare_credentials(env, TokenStore.from_env(env["ERP_WAREHOUSE_PATH"], env))
         yield env
+
+
+def _shared_identity_servers(served: list, stack: contextlib.ExitStack, port: int) -> dict[str, str]:
+    """A variable several simulators set to their own URL names one identity server they share
+    (VISMA_CONNECT_URL): serve one front for it that hands each request to its client id's simulator."""
+    from erp_pipelines.sandbox.common import identity_front, serve
+
+    values: dict[str, set[str]] = {}
+    for _, simulator_env in served:
+        for name, value in simulator_env.items():
+            values.setdefault(name, set()).add(value)
+    shared = {}
+    for name in sorted(name for name, seen in values.items() if len(seen) > 1 and name.endswith("_URL")):
+        owners = {value: simulator.app for simulator, simulator_env in served if name in simulator_env
+                  for key, value in simulator_env.items() if key.endswith("_CLIENT_ID")}
+        shared[name] = stack.enter_context(serve(identity_front(owners), port=port))
+    return shared
 
 
 def dagster_home() -> Path:

@@ -3,8 +3,10 @@
 Each returns the violating rows (empty means the check passes), over one ERP, optionally only
 some tenants (the ones a run just loaded):
 - `trial_balance`: per tenant and month, opening, movement and closing each sum to zero;
-- `continuity`: an account's closing in one month equals its opening the next month (same
-  calendar year: profit-and-loss accounts restart at zero each year);
+- `continuity`: an account's closing in one month equals its opening the next month; balance-sheet
+  accounts always, profit-and-loss accounts (NS 4102 classes 3-8) except where the tenant's fiscal
+  year restarts: a month in which every one of them opens at zero (any fiscal-year start; a wrong
+  restart cannot hide, the openings' trial balance would not sum to zero);
 - `row_arithmetic`: opening + movement = closing on every row;
 - `unknown_accounts`: every balance's account exists in that tenant's chart of accounts.
 """
@@ -25,18 +27,26 @@ CHECKS = {
         """,
     ),
     "continuity": (
-        "Closing balance of month m equals the opening balance of month m+1 within a year.",
+        ("Closing balance of month m equals the opening balance of month m+1 (profit and loss restarts "
+        "with the fiscal year)."),
         """
-        WITH b AS (SELECT org_number, period, account_number, opening, closing FROM balances WHERE erp = ? {tenants}),
+        WITH b AS (SELECT org_number, period, account_number, opening, closing,
+                          coalesce(try_cast(left(account_number, 1) AS INTEGER) BETWEEN 3 AND 8, false) AS result_account
+                   FROM balances WHERE erp = ? {tenants}),
         months AS (SELECT DISTINCT org_number, period FROM b),
+        restarts AS (  -- months where the fiscal year starts again: every result account opens at zero
+            SELECT org_number, period FROM b WHERE result_account
+            GROUP BY org_number, period HAVING bool_and(opening = 0)
+        ),
         pairs AS (
-            SELECT m.org_number, m.period AS month, n.period AS next_month
+            SELECT m.org_number, m.period AS month, n.period AS next_month,
+                   r.period IS NOT NULL AS restart
             FROM months m JOIN months n
               ON n.org_number = m.org_number AND n.period = m.period + INTERVAL 1 MONTH
-            WHERE year(m.period) = year(n.period)
+            LEFT JOIN restarts r ON r.org_number = n.org_number AND r.period = n.period
         ),
         keys AS (
-            SELECT DISTINCT p.org_number, p.month, p.next_month, b.account_number
+            SELECT DISTINCT p.org_number, p.month, p.next_month, p.restart, b.account_number, b.result_account
             FROM pairs p JOIN b ON b.org_number = p.org_number AND b.period IN (p.month, p.next_month)
         )
         SELECT k.org_number, k.month, k.account_number, coalesce(c.closing, 0) AS closing,
@@ -44,7 +54,7 @@ CHECKS = {
         FROM keys k
         LEFT JOIN b c ON c.org_number = k.org_number AND c.period = k.month AND c.account_number = k.account_number
         LEFT JOIN b o ON o.org_number = k.org_number AND o.period = k.next_month AND o.account_number = k.account_number
-        WHERE coalesce(c.closing, 0) <> coalesce(o.opening, 0)
+        WHERE coalesce(c.closing, 0) <> coalesce(o.opening, 0) AND NOT (k.restart AND k.result_account)
         ORDER BY 1, 2, 3
         """,
     ),

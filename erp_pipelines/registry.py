@@ -53,6 +53,8 @@ ERPS: dict[str, ErpSpec] = {
         ErpSpec("poweroffice", "erp_pipelines.erps.poweroffice:PowerOfficeConnector", "erp_pipelines.sandbox.poweroffice:PowerOfficeSandbox"),
         ErpSpec("vismanet", "erp_pipelines.erps.vismanet:VismaNetConnector", "erp_pipelines.sandbox.vismanet:VismaNetSandbox"),
         ErpSpec("eaccounting", "erp_pipelines.erps.eaccounting:EAccountingConnector", "erp_pipelines.sandbox.eaccounting:EAccountingSandbox"),
+        ErpSpec("xledger", "erp_pipelines.erps.xledger:XledgerConnector", "erp_pipelines.sandbox.xledger:XledgerSandbox"),
+        ErpSpec("businessnxt", "erp_pipelines.erps.businessnxt:BusinessNxtConnector", "erp_pipelines.sandbox.businessnxt:BusinessNxtSandbox"),
         ErpSpec("saft", "erp_pipelines.erps.saft:SaftConnector"),
     )
 }

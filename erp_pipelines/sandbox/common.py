@@ -25,6 +25,7 @@ behind uvicorn the connection is closed after the status line (the client sees
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
@@ -38,6 +39,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from decimal import Decimal
 from typing import Any
+from urllib.parse import parse_qsl, unquote
 
 import httpx
 from starlette.applications import Starlette
@@ -931,3 +933,65 @@ def serve(app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0, path: str = "
         if thread.is_alive():  # a request is still hanging (e.g. an injected timeout)
             server.force_exit = True
             thread.join(timeout=5)
+
+
+@dataclasses.dataclass
+class PagingMutation:
+    """Fault: from request number `after_requests + 1` on, the list at `path` changes: a row is
+    inserted at / removed from `position`, so later pages shift by one."""
+
+    path: str  # the list's path as the simulator names it
+    action: str = "insert"  # insert | remove
+    position: int = 0
+    after_requests: int = 1
+    tenant: int | None = None  # client id; None: every company
+    seen: int = 0
+    inserted: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.action not in ("insert", "remove"):
+            raise ValueError("action must be 'insert' or 'remove'")
+
+
+def apply_paging_mutations(mutations: list[PagingMutation], path: str, tenant: int | None, rows: list[dict[str, Any]],
+                           *, key: str, phantom: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
+    """`rows` as this request sees them; call under the simulator's lock. An inserted row (`phantom`,
+    made once) appears once, whatever row `key` it shares."""
+    for mutation in mutations:
+        if mutation.path != path or mutation.tenant not in (None, tenant):
+            continue
+        mutation.seen += 1
+        if mutation.seen <= mutation.after_requests:
+            continue
+        position = min(mutation.position, len(rows))
+        if mutation.action == "remove":
+            rows = rows[:position] + rows[position + 1:]
+            continue
+        mutation.inserted = mutation.inserted or phantom()
+        rows = [r for r in rows if r.get(key) != mutation.inserted[key]]
+        rows.insert(min(position, len(rows)), mutation.inserted)
+    return rows
+
+
+def identity_front(owners: Mapping[str, ASGIApp]) -> Starlette:
+    """One identity server in front of simulators that share it (Visma Connect serves Visma.net and
+    Business NXT alike, at one URL): each request goes to the simulator that owns its client id,
+    given as the form's `client_id` or as HTTP Basic."""
+
+    async def forward(request: Request) -> Response:
+        body = await request.body()
+        client_id = dict(parse_qsl(body.decode(errors="replace"))).get("client_id")
+        basic = request.headers.get("authorization", "")
+        if not client_id and basic.lower().startswith("basic "):
+            with contextlib.suppress(ValueError, UnicodeDecodeError):
+                client_id = unquote(base64.b64decode(basic[6:]).decode().partition(":")[0])
+        owner = owners.get(client_id or "")
+        if owner is None:
+            return json_response({"error": "invalid_client"}, status_code=400)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=owner), base_url="http://identity") as client:
+            answer = await client.request(request.method, request.url.path, params=request.query_params,
+                                          content=body, headers={k: v for k, v in request.headers.items()
+                                                                 if k.lower() not in ("host", "content-length")})
+        return Response(answer.content, status_code=answer.status_code, media_type=answer.headers.get("content-type"))
+
+    return Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST"])])

@@ -44,8 +44,10 @@ from starlette.types import Scope
 
 from erp_pipelines.sandbox.common import (
     ErpProfile,
+    PagingMutation,
     RateLimitPolicy,
     SandboxHarness,
+    apply_paging_mutations,
     header_value,
     json_bytes,
     json_response,
@@ -125,16 +127,6 @@ class AccessToken:
     grant: Grant
     expires_at: float
 
-
-@dataclasses.dataclass
-class PagingMutation:
-    path: str  # "/accounts" or "/accountbalances"
-    action: str
-    position: int
-    after_requests: int
-    tenant: int | None
-    seen: int = 0
-    inserted: dict[str, Any] | None = None
 
 
 class EAccountingSandbox(Simulator):
@@ -394,25 +386,16 @@ class EAccountingSandbox(Simulator):
     def _mutate(self, path: str, company: Company | None, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         key = "Number" if path == self.paths.accounts else "AccountNumber"
         client_id = company.tenant.erp_client_id if company else None
+        number, name = PHANTOM_ACCOUNT
+
+        def phantom() -> dict[str, Any]:
+            if key == "Number" and rows:
+                return {**rows[0], "Name": name, "Number": str(number)}
+            return {"AccountNumber": number, "AccountName": name, "Balance": _kroner(0), "AccountType": 1,
+                    "AccountTypeDescription": "Balance"}
+
         with self.lock:
-            for mutation in self.paging_mutations:
-                if mutation.path != path or mutation.tenant not in (None, client_id):
-                    continue
-                mutation.seen += 1
-                if mutation.seen <= mutation.after_requests:
-                    continue
-                position = min(mutation.position, len(rows))
-                if mutation.action == "remove":
-                    rows = rows[:position] + rows[position + 1:]
-                    continue
-                number, name = PHANTOM_ACCOUNT
-                mutation.inserted = mutation.inserted or (
-                    {**rows[0], "Name": name, "Number": str(number)} if key == "Number" and rows
-                    else {"AccountNumber": number, "AccountName": name, "Balance": _kroner(0), "AccountType": 1,
-                          "AccountTypeDescription": "Balance"})
-                rows = [r for r in rows if r.get(key) != mutation.inserted[key]]
-                rows.insert(min(position, len(rows)), mutation.inserted)
-        return rows
+            return apply_paging_mutations(self.paging_mutations, path, client_id, rows, key=key, phantom=phantom)
 
     # ------------------------------------------------------------------ API endpoints
 

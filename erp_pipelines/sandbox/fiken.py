@@ -52,8 +52,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from erp_pipelines.sandbox.common import (
     ADMIN_PREFIX,
     ErpProfile,
+    PagingMutation,
     RateLimitPolicy,
     SandboxHarness,
+    apply_paging_mutations,
     header_value,
     json_bytes,
     json_response,
@@ -259,23 +261,6 @@ class PendingCode:
     companies: frozenset[int]
     redirect_uri: str
 
-
-@dataclasses.dataclass
-class PagingMutation:
-    """Fault: from request number `after_requests + 1` on, the list at `path` changes: a row is
-    inserted at / removed from `position`, so later pages shift by one."""
-
-    path: str  # "/companies", "/accounts" or "/accountBalances"
-    action: str = "insert"  # insert | remove
-    position: int = 0
-    after_requests: int = 1
-    tenant: int | None = None  # client id; None: every company
-    seen: int = 0
-    inserted: dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        if self.action not in ("insert", "remove"):
-            raise ValueError("action must be 'insert' or 'remove'")
 
 
 PAGED_PATHS = ("/companies", "/accounts", "/accountBalances")
@@ -642,23 +627,9 @@ class FikenSandbox(Simulator):
     def _apply_paging_mutations(self, path: str, company: Company | None, rows: list[dict[str, Any]],
                                 phantom: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
         client_id = company.tenant.erp_client_id if company else None
-        key = "slug" if path == "/companies" else "code"
+        key = "slug" if path == "/companies" else "code"  # a phantom company is a real company from now on
         with self.state.lock:
-            for mutation in self.state.paging_mutations:
-                if mutation.path != path or mutation.tenant not in (None, client_id):
-                    continue
-                mutation.seen += 1
-                if mutation.seen <= mutation.after_requests:
-                    continue
-                position = min(mutation.position, len(rows))
-                if mutation.action == "remove":
-                    rows = rows[:position] + rows[position + 1:]
-                else:
-                    mutation.inserted = mutation.inserted or phantom()
-                    # the new row appears once (a phantom company is a real company from now on)
-                    rows = [r for r in rows if r.get(key) != mutation.inserted[key]]
-                    rows.insert(min(position, len(rows)), mutation.inserted)
-        return rows
+            return apply_paging_mutations(self.state.paging_mutations, path, client_id, rows, key=key, phantom=phantom)
 
     def _phantom_company(self) -> dict[str, Any]:
         tenant = self.add_client()

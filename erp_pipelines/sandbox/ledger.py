@@ -2,9 +2,9 @@
 
 Tenants get valid organisation numbers, a chart of accounts from the Norwegian standard chart
 (NS 4102) and monthly double-entry vouchers. Amounts are integer øre, so every balance is exact.
-Profit-and-loss accounts (3000-8999) start each year at zero. Every completed year ends with a
-closing voucher on 31 December (årsoppgjør: 8960 against 2050, annen egenkapital), so the profit and
-loss accounts sum to zero at year end, each balance-sheet account's January opening equals its
+Profit-and-loss accounts (3000-8999) start each fiscal year at zero (calendar years unless a tenant
+has `fiscal_year_start_month`). Every completed year ends with a closing voucher on its last day
+(årsoppgjør: 8960 against 2050, annen egenkapital), so the profit and loss accounts sum to zero at year end, each balance-sheet account's January opening equals its
 December closing, and every month's trial balance sums to zero. An API that reports only closing
 balances at a date can therefore be reproduced exactly.
 """
@@ -138,6 +138,17 @@ class TruthTenant:
     last_month: dt.date
     accounts: tuple[TruthAccount, ...] = field(default_factory=tuple)
     expected_status: str = "ok"  # what the client rules must conclude: ok | rejected
+    fiscal_year_start_month: int = 1  # 1: calendar years; else profit and loss restarts in this month
+
+    def use_fiscal_year_start(self, month: int) -> None:
+        """A non-calendar fiscal year (set by a simulator before anything is read)."""
+        self.fiscal_year_start_month = month
+        for cached in ("vouchers", "_monthly"):
+            self.__dict__.pop(cached, None)
+
+    def fiscal_year_of(self, day: dt.date) -> int:
+        """The calendar year in which the fiscal year holding `day` starts."""
+        return day.year if day.month >= self.fiscal_year_start_month else day.year - 1
 
     @functools.cached_property
     def vouchers(self) -> tuple[Voucher, ...]:
@@ -154,8 +165,8 @@ class TruthTenant:
         result: dict[dt.date, dict[int, tuple[int, int]]] = {}
         running = {a.number: 0 for a in self.accounts}
         for month in months_between(self.first_month, self.last_month):
-            if month.month == 1 and month != self.first_month:
-                # the December closing voucher left the profit and loss summing to zero
+            if month.month == self.fiscal_year_start_month and month != self.first_month:
+                # the year-end closing voucher left the profit and loss summing to zero
                 assert sum(v for n, v in running.items() if n >= 3000) == 0, "year-end closing missing"
                 for n in running:
                     if n >= 3000:
@@ -248,11 +259,13 @@ def _generate_vouchers(tenant: TruthTenant) -> list[Voucher]:
             add(day(rng.randrange(3, 28)), "Reise", (7140, petty), (1900, -petty))
         if rng.random() < 0.2:
             add(day(10), "Forskudd", (1570, 2_500_00), (1920, -2_500_00))
-        if month.month == 12 and month < tenant.last_month:
-            result = sum(amount for v in vouchers if v.date.year == month.year
+        if add_months(month, 1).month == tenant.fiscal_year_start_month and month < tenant.last_month:
+            year = tenant.fiscal_year_of(month)
+            result = sum(amount for v in vouchers if tenant.fiscal_year_of(v.date) == year
                          for account, amount in v.lines if account >= 3000)
             if result:
-                add(month.replace(day=31), "Årsoppgjør", (RESULT_TRANSFER, -result), (RETAINED_EARNINGS, result))
+                add(add_months(month, 1) - dt.timedelta(days=1), "Årsoppgjør", (RESULT_TRANSFER, -result),
+                    (RETAINED_EARNINGS, result))
     return vouchers
 
 

@@ -78,6 +78,12 @@ class Simulator(abc.ABC):
         """Run as a real HTTP server on 127.0.0.1; yields the API base URL."""
         return serve(self.app, path=self.api_prefix, **kwargs)
 
+    @classmethod
+    def shape_ledger(cls, ledger: TruthLedger) -> None:
+        """Facts this ERP adds to the shared truth (e.g. a tenant with a non-calendar fiscal year).
+        The simulator applies them to its ledger; whoever rebuilds the ledger elsewhere to check
+        results (the bench's parent process) applies them too."""
+
     def prepare_demo(self) -> None:
         """Shape the demo's data (e.g. one client that has not granted API access)."""
 

@@ -6,13 +6,11 @@ import functools
 import warnings
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 import httpx
 import yaml
 from openapi_core import OpenAPI
-from openapi_core.datatypes import RequestParameters
-from werkzeug.datastructures import Headers, ImmutableMultiDict
+from openapi_support import OpenAPIRequest, OpenAPIResponse
 
 FIKEN_SPEC = Path(__file__).resolve().parents[2] / "specs" / "fiken" / "fiken-openapi.yaml"
 SPEC_HOST = "https://api.fiken.no"  # the spec's server is https://api.fiken.no/api/v2
@@ -34,28 +32,8 @@ def fiken_spec() -> dict[str, Any]:
     return _string_keys(yaml.safe_load(FIKEN_SPEC.read_text(encoding="utf-8")))
 
 
-class OpenAPIRequest:
-    """openapi-core's Request protocol for an httpx.Request, re-hosted on the spec's server."""
-
-    def __init__(self, request: httpx.Request) -> None:
-        self.host_url = SPEC_HOST
-        self.path = request.url.path
-        self.method = request.method.lower()
-        self.body = request.content or None
-        self.content_type = request.headers.get("content-type", "")
-        self.parameters = RequestParameters(
-            query=ImmutableMultiDict(parse_qsl(request.url.query.decode(), keep_blank_values=True)),
-            header=Headers(dict(request.headers)),
-            cookie=ImmutableMultiDict(),
-        )
 
 
-class OpenAPIResponse:
-    def __init__(self, response: httpx.Response) -> None:
-        self.status_code = response.status_code
-        self.data = response.content
-        self.content_type = response.headers.get("content-type", "")
-        self.headers = Headers(dict(response.headers))
 
 
 class FikenContract:
@@ -72,7 +50,7 @@ class FikenContract:
     def check(self, response: httpx.Response, template: str) -> Any:
         """Validate a 200 answer of the GET operation at `template` (path below /api/v2)."""
         assert response.status_code == 200, response.text
-        request = OpenAPIRequest(response.request)
+        request = OpenAPIRequest(response.request, SPEC_HOST)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # openapi-core cannot check the oauth2 scheme ("Unsupported scheme type")
             self.openapi.validate_request(request)

@@ -10,16 +10,14 @@ import re
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 import httpx
 import pytest
 import yaml
 from asgi_support import SyncASGITransport
 from openapi_core import Config, OpenAPI
-from openapi_core.datatypes import RequestParameters
 from openapi_schema_validator import OAS30Validator
-from werkzeug.datastructures import Headers, ImmutableMultiDict
+from openapi_support import OpenAPIRequest, OpenAPIResponse
 
 from erp_pipelines.model import normalise_tenant_id
 from erp_pipelines.sandbox.common import RateLimitPolicy
@@ -61,28 +59,8 @@ def month_of(day: dt.date) -> dt.date:
 # ---------------------------------------------------------------------------------------- contract
 
 
-class OpenAPIRequest:
-    """openapi-core's Request protocol for an httpx.Request, re-hosted on a spec's server."""
-
-    def __init__(self, request: httpx.Request, host_url: str, path: str) -> None:
-        self.host_url = host_url
-        self.path = path
-        self.method = request.method.lower()
-        self.body = request.content or None
-        self.content_type = request.headers.get("content-type", "")
-        self.parameters = RequestParameters(
-            query=ImmutableMultiDict(parse_qsl(request.url.query.decode(), keep_blank_values=True)),
-            header=Headers(dict(request.headers)),
-            cookie=ImmutableMultiDict(),
-        )
 
 
-class OpenAPIResponse:
-    def __init__(self, response: httpx.Response) -> None:
-        self.status_code = response.status_code
-        self.data = response.content
-        self.content_type = response.headers.get("content-type", "")
-        self.headers = Headers(dict(response.headers))
 
 
 class PowerOfficeContract:

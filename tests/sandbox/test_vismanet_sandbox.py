@@ -9,14 +9,12 @@ import json
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 import httpx
 import pytest
 from asgi_support import SyncASGITransport
 from openapi_core import Config, OpenAPI
-from openapi_core.datatypes import RequestParameters
-from werkzeug.datastructures import Headers, ImmutableMultiDict
+from openapi_support import OpenAPIRequest, OpenAPIResponse
 
 from erp_pipelines.sandbox.common import RateLimitPolicy
 from erp_pipelines.sandbox.ledger import generate_ledger
@@ -31,26 +29,8 @@ LAST_MONTH = dt.date(2026, 2, 1)
 # ---------------------------------------------------------------------------------------- contract
 
 
-class OpenAPIRequest:
-    """openapi-core's Request protocol for an httpx.Request, re-hosted on the spec's server."""
-
-    def __init__(self, request: httpx.Request) -> None:
-        self.host_url = SPEC_HOST
-        self.path = request.url.path.removeprefix(API_PREFIX)
-        self.method = request.method.lower()
-        self.body = request.content or None
-        self.content_type = request.headers.get("content-type", "")
-        self.parameters = RequestParameters(
-            query=ImmutableMultiDict(parse_qsl(request.url.query.decode(), keep_blank_values=True)),
-            header=Headers(dict(request.headers)), cookie=ImmutableMultiDict())
 
 
-class OpenAPIResponse:
-    def __init__(self, response: httpx.Response) -> None:
-        self.status_code = response.status_code
-        self.data = response.content
-        self.content_type = response.headers.get("content-type", "")
-        self.headers = Headers(dict(response.headers))
 
 
 class VismaNetContract:
@@ -63,7 +43,7 @@ class VismaNetContract:
 
     def check(self, response: httpx.Response) -> Any:
         assert response.status_code == 200, response.text
-        request = OpenAPIRequest(response.request)
+        request = OpenAPIRequest(response.request, SPEC_HOST, response.request.url.path.removeprefix(API_PREFIX))
         self.openapi.validate_request(request)
         self.openapi.validate_response(request, OpenAPIResponse(response))
         operation = self.spec["paths"][request.path][request.method]

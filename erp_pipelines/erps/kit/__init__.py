@@ -1,5 +1,6 @@
 """The connector kit, written once for every ERP: HTTP client and retries (`client`), auth
-providers (`auth`), paging (`paging`), rate limiting (`throttle`) and concurrency (`tasks`).
+providers (`auth`), paging (`paging`), rate limiting (`throttle`), concurrency (`tasks`) and
+GraphQL queries, schemas and error bodies (`graphql`).
 Plain Python; no Dagster."""
 
 from erp_pipelines.erps.kit.auth import (
@@ -20,13 +21,27 @@ from erp_pipelines.erps.kit.client import (
     RetryPolicy,
     decode_json,
 )
+from erp_pipelines.erps.kit.graphql import (
+    GraphQLCursor,
+    Query,
+    QueryBook,
+    data_of,
+    error_code,
+    execute_graphql,
+    graphql_body_check,
+    page_fetcher,
+    post_query,
+    validation_errors,
+)
 from erp_pipelines.erps.kit.paging import Cursor, Offset, Page, PageNumber, PagingStyle, read_all
 from erp_pipelines.erps.kit.tasks import gather_all
 from erp_pipelines.erps.kit.throttle import RateLimit, RateLimitHeaders, Throttle
 
 __all__ = [
-    "ApiClient", "ClientCredentials", "Cursor", "HttpStats", "MintedToken", "OAuthApp", "Offset", "Page", "PageNumber",
-    "PagingStyle", "RateLimit", "RateLimitHeaders", "RefreshingToken", "Reply", "RequestContext", "RetryPolicy",
-    "StaticToken", "Throttle", "Token", "TokenAuth", "decode_json", "gather_all", "read_all",
-    "refused_by_token_endpoint",
+    "ApiClient", "ClientCredentials", "Cursor", "GraphQLCursor", "HttpStats", "MintedToken", "OAuthApp", "Offset",
+    "Page", "PageNumber", "PagingStyle", "Query", "QueryBook", "RateLimit", "RateLimitHeaders", "RefreshingToken",
+    "Reply", "RequestContext", "RetryPolicy",
+    "StaticToken", "Throttle", "Token", "TokenAuth", "data_of", "decode_json", "error_code", "execute_graphql",
+    "gather_all", "graphql_body_check", "page_fetcher", "post_query", "read_all",
+    "refused_by_token_endpoint", "validation_errors",
 ]

@@ -452,7 +452,9 @@ def _verify(simulator: Simulator, ledger: TruthLedger, assigned: dict[str, str],
     report = ChaosReport(erp=erp, kinds=kinds)
     clients = warehouse.query("SELECT org_number, status FROM clients WHERE erp = ?", [erp])
     report.tenants_rejected = sum(1 for _, status in clients if status == ClientStatus.REJECTED)
-    statuses = dict(clients)  # valid tenants' organisation numbers are unique (the client rules)
+    # a number shared by clients is held by one (the client rules): the status that counts is the holder's
+    statuses = {org: status for org, status in clients if status != ClientStatus.REJECTED}
+    statuses.update({org: status for org, status in clients if org not in statuses})
     valid = list(ledger.valid_tenants)  # includes the client created while the list was paged
     report.tenants = len(valid)
     landed = _landed_balances(warehouse, erp)

@@ -64,12 +64,13 @@ def measure(erp: str, tenants: int, latency_ms: float, limit: int | None, window
         warehouse = Warehouse(Path(work) / "warehouse.duckdb")
         connector = sandbox.connector()
         after_batches: list[tuple[int, float]] = []
-        counts = {"loaded": 0, "failed": 0, "rows": 0}
+        counts = {"loaded": 0, "failed": 0, "rows": 0, "active": 0}
 
         async def run() -> None:
             async with connector:
                 listed, _ = await refresh_clients(connector, warehouse)
                 clients = [client for client in listed if client.is_active]
+                counts["active"] = len(clients)
                 async for batch in load_tenants(connector, warehouse, clients, what=(ACCOUNTS, BALANCES),
                                                 months=months):
                     counts["loaded"] += len(batch.loaded)
@@ -91,6 +92,7 @@ def measure(erp: str, tenants: int, latency_ms: float, limit: int | None, window
     first = after_batches[0][1] if after_batches else 0.0
     return {
         "tenants": counts["loaded"],
+        "active": counts["active"],  # the ledger's valid tenants (the shared number's holder included)
         "failed": counts["failed"],
         "rows": counts["rows"],
         "seconds": round(seconds, 2),

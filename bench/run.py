@@ -428,7 +428,8 @@ def _throughput_sections(options: BenchOptions, work: Path, figures: dict[str, A
 
     # 7. peak RSS
     figures["rss"] = _rss(options.rss_tenants)
-    checks["rss: every tenant loaded"] = figures["rss"]["tenants"] == options.rss_tenants and not figures["rss"]["failed"]
+    checks["rss: every tenant loaded"] = (figures["rss"]["tenants"] == figures["rss"]["active"] >= options.rss_tenants
+                                          and not figures["rss"]["failed"])
     say(f"rss: {_describe(figures['rss'])}")
 
     # 8. connection pool
@@ -892,6 +893,10 @@ COMPLIANCE_NOTES = """What the columns mean:
   limiter's reason, they are inferred from the log: a 429 that arrived while the cap's worth of
   admitted requests of the same credential were under way (an upper bound). *Peak in flight*: the
   most requests the server had under way at once, 429s included.
+  Where an ERP's limit is per company (the server keeps one budget per tenant), the run still
+  drives every tenant through one client throttle, so *utilisation* is against one company's
+  budget; a token bucket whose reset header says 1 s lets that throttle pace at the bucket's size
+  per second, which the per-tenant budgets then admit: utilisation above 1 without a 429.
 - *Balance rows*: balance rows landed for the window (rows zero in opening, movement and closing
   aside); *= truth*: every tenant's balances equal the truth ledger's and no tenant failed.
 - *CPU s*: processor seconds the run took in our process (extraction and warehouse writes) and in

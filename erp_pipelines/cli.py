@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -18,7 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     consent.add_argument("erp")
     consent.add_argument("--no-browser", action="store_true", help="only print the URL")
+    add_clients_commands(commands)
     args = parser.parse_args(argv)
+    if args.command == "clients":
+        return clients_main(args)
     if args.command == "consent":
         from erp_pipelines.consent import consent_main
 
@@ -29,3 +33,79 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(env_example())
         return 0
     return 2
+
+
+CLIENTS_HELP = """Client management (what the ERPs' client screens call Aktiver, Deaktiver, Slett kontoer,
+Full synkronisering). Statuses: active (gets runs), inactive (deactivated; history kept), rejected (a client
+rule, with the reason), no_api_access (retried until access is given), revoked (no longer listed; history kept).
+Each command is also a Dagster job (clients_activate, clients_deactivate, clients_purge, <erp>_full_sync).
+Exit codes: 0 done; 1 refused (the message names the client and the fix); 2 configuration."""
+
+
+def add_clients_commands(commands) -> None:
+    clients = commands.add_parser("clients", help="list, activate, deactivate, purge or fully sync clients",
+                                  description=CLIENTS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = clients.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="every client: name, number, status, reason, last extraction, last error")
+    listing.add_argument("erp", nargs="?", help="only this ERP")
+    for name, text in (("activate", "Aktiver: the client gets scheduled and sensor runs (a shared number moves to it)"),
+                       ("deactivate", "Deaktiver: no scheduled or sensor runs; its history stays")):
+        command = actions.add_parser(name, help=text, description=text)
+        command.add_argument("erp")
+        command.add_argument("org_number", nargs="?", metavar="ORGNR")
+        command.add_argument("--client-id", help="the ERP's client id, when several clients share the number")
+        command.add_argument("--all", action="store_true", dest="all_clients", help=f"{name} every client of the ERP")
+    purge = actions.add_parser("purge", help="Slett kontoer: delete every row of one tenant; it stays as inactive")
+    purge.add_argument("erp")
+    purge.add_argument("org_number", metavar="ORGNR")
+    purge.add_argument("--yes", action="store_true", help="really delete (without it: say what would be deleted)")
+    sync = actions.add_parser("sync", help="Full synkronisering: all history of one tenant, as a Dagster run")
+    sync.add_argument("erp")
+    sync.add_argument("org_number", metavar="ORGNR")
+    sync.add_argument("--full", action="store_true", required=True,
+                      help="from <ERP>_HISTORY_START to the current month (required: the daily window is the schedule's)")
+
+
+def clients_main(args: argparse.Namespace) -> int:
+    from erp_pipelines import clients
+    from erp_pipelines.config import warehouse_path
+    from erp_pipelines.errors import ConfigError, ErpError, redact
+    from erp_pipelines.registry import ERPS
+    from erp_pipelines.warehouse import Warehouse
+
+    def fail(message: str, code: int) -> int:
+        print(f"erp-pipelines clients {args.action}: {redact(message)}", file=sys.stderr)
+        return code
+
+    erp = getattr(args, "erp", None)
+    if erp is not None and erp not in ERPS:
+        return fail(f"unknown ERP {erp!r}; use any of: {', '.join(ERPS)}", 2)
+    warehouse = Warehouse(warehouse_path(os.environ))
+    try:
+        if args.action == "list":
+            print(clients.format_client_list(clients.list_clients(warehouse, erp)))
+        elif args.action in ("activate", "deactivate"):
+            if bool(args.org_number) == args.all_clients:
+                return fail("give either ORGNR or --all", 2)
+            command = clients.activate if args.action == "activate" else clients.deactivate
+            changes = command(warehouse, erp, args.org_number, client_id=args.client_id, all_clients=args.all_clients)
+            for change in changes:
+                print(change.describe())
+            if not changes:
+                print(f"no {erp} client to {args.action}")
+        elif args.action == "purge":
+            print(clients.purge(warehouse, erp, args.org_number, confirm=args.yes).describe())
+        elif args.action == "sync":
+            from erp_pipelines.defs.clients import run_full_sync
+
+            result = run_full_sync(erp, args.org_number)
+            if not result.success:
+                errors = [e.step_failure_data.error for e in result.get_step_failure_events()]
+                detail = "; ".join(error.message.strip() for error in errors if error)
+                return fail(f"Dagster run {result.run_id} failed: {detail}", 1)
+            print(f"{erp} {args.org_number}: full sync done (Dagster run {result.run_id})")
+    except ConfigError as exc:
+        return fail(str(exc), 2)
+    except ErpError as exc:
+        return fail(str(exc), 1)
+    return 0

@@ -5,6 +5,8 @@
   its variables is set. An enabled ERP must have all its required variables.
 - Per ERP, the variables its connector declares (`Connector.settings`), e.g. `<ERP>_BASE_URL`.
 - `<ERP>_HISTORY_START`: first month of a full sync (YYYY-MM-DD; default per source, 2023-01-01 for APIs).
+- `ERP_AUTO_ACTIVATE`: whether a new valid client starts active (default true) or waits, inactive,
+  until `erp-pipelines clients activate`.
 - `ERP_TENANTS_PER_RUN`: tenants per run of the daily schedule and the client-access sensor
   (default 500). A backfill or a CLI `--partition-range` is one run for the whole range.
 - `ERP_TOKEN_STORE_PATH`: the encrypted token store (default `tokens.enc` next to the warehouse);
@@ -23,6 +25,7 @@ from urllib.parse import urlparse
 
 from erp_pipelines import tokens
 from erp_pipelines.errors import ConfigError
+from erp_pipelines.model import AUTO_ACTIVATE_VARIABLE, auto_activate
 from erp_pipelines.registry import ERPS, ErpSpec
 
 DEFAULT_WAREHOUSE = "data/warehouse.duckdb"
@@ -56,6 +59,10 @@ def load_config(environ: Mapping[str, str] | None = None) -> ProjectConfig:
         raise ConfigError("ERP_TENANTS_PER_RUN must be a positive whole number", fix="e.g. ERP_TENANTS_PER_RUN=500")
     if env.get(tokens.KEY_VARIABLE):
         tokens.validate_key(env[tokens.KEY_VARIABLE])
+    try:
+        auto_activate(env)
+    except ValueError as exc:
+        raise ConfigError(str(exc), fix=f"set {AUTO_ACTIVATE_VARIABLE}=true or false") from None
     warehouse = warehouse_path(env)
     return ProjectConfig(warehouse, erps, int(per_run), str(tokens.default_store_path(warehouse, env)))
 
@@ -124,6 +131,10 @@ ERP_WAREHOUSE_PATH=data/warehouse.duckdb
 # Optional: enable exactly these sources (comma list). Without it, a source is enabled when its
 # credentials are set. Known: {known}.
 # ERP_SOURCES={known}
+
+# New valid clients start active (true), or wait as inactive until
+# `erp-pipelines clients activate ERP ORGNR` (false).
+# ERP_AUTO_ACTIVATE=true
 
 # Tenants per run of the daily schedule and the client-access sensor (a backfill or a CLI
 # --partition-range is one run for the whole range).

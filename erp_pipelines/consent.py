@@ -4,8 +4,10 @@
 2. Listens on the `<ERP>_REDIRECT_URI` port on localhost for the redirect with the code.
 3. Exchanges the code (authlib builds the requests; the connector's client sends them), asks the
    ERP which companies the consent reaches, applies the client rules (a valid organisation or
-   personal number, no number twice), stores the tokens in the encrypted token store and prints
-   each company with its name and organisation number.
+   personal number; of two companies sharing a number the lower ERP id holds it, as in the client
+   registry), stores the tokens in the encrypted token store and prints each company with its name
+   and organisation number. A company sharing a number is stored too, so that
+   `erp-pipelines clients activate` can move the number to it later.
 
 Exit codes: 0 stored; 1 refused (no usable company, the user declined, time-out); 2 configuration.
 Connectors offer consent by implementing `oauth_app`, `consented_companies` and `store_consent`.
@@ -26,7 +28,7 @@ from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
 
 from erp_pipelines.erps.kit.auth import OAuthApp, Token, oauth_form, refused_by_token_endpoint, request_token
 from erp_pipelines.errors import AuthError, ErpError, redact
-from erp_pipelines.model import ClientStatus, classify_clients
+from erp_pipelines.model import ClientStatus, classify_clients, is_shared_number_rejection
 
 
 class ConsentRefused(ErpError):
@@ -68,10 +70,16 @@ async def run_consent(connector: Any, *, open_browser: bool = True, timeout: flo
     )
     token = Token.from_oauth(body)
     companies = classify_clients(await connector.consented_companies(token))
-    accepted = [company for company in companies if company.status == ClientStatus.OK]
+    accepted = [company for company in companies
+                if company.status == ClientStatus.ACTIVE or is_shared_number_rejection(company)]
     for company in companies:
         shown = f"{company.name} (orgnr {company.org_number or 'none'})"
-        say(f"  {shown}: " + ("consented" if company.status == ClientStatus.OK else f"refused: {company.status_reason}"))
+        if company.status == ClientStatus.ACTIVE:
+            say(f"  {shown}: consented")
+        elif is_shared_number_rejection(company):
+            say(f"  {shown}: consented, but rejected until activated: {company.status_reason}")
+        else:
+            say(f"  {shown}: refused: {company.status_reason}")
     if not accepted:
         raise ConsentRefused("the consent reaches no company with a valid, unique organisation number",
                              erp=connector.erp, fix=app.help or "register the company's organisation number in the ERP")

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from collections import Counter
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
@@ -20,10 +19,32 @@ CENT = Decimal("0.01")
 
 
 class ClientStatus(enum.StrEnum):
-    OK = "ok"
-    NO_API_ACCESS = "no_api_access"
-    REJECTED = "rejected"
-    REVOKED = "revoked"
+    """A client's status per ERP (what an accountant sees in `erp-pipelines clients list`)."""
+
+    ACTIVE = "active"  # extracted by the schedule and the sensor
+    INACTIVE = "inactive"  # deactivated by the user (or waiting for activation); history kept
+    REJECTED = "rejected"  # fails a client rule; the reason is kept
+    NO_API_ACCESS = "no_api_access"  # listed, but the ERP refuses API access; retried until it works
+    REVOKED = "revoked"  # no longer listed by the ERP; history kept
+    OK = "active"  # alias: before the lifecycle, a usable client was "ok"
+
+    @classmethod
+    def _missing_(cls, value: object) -> ClientStatus | None:
+        return cls.ACTIVE if value == "ok" else None  # rows and callers from before the lifecycle
+
+
+AUTO_ACTIVATE_VARIABLE = "ERP_AUTO_ACTIVATE"
+
+
+def auto_activate(environ: Mapping[str, str]) -> bool:
+    """`ERP_AUTO_ACTIVATE` (default true): whether a new valid client starts as active or waits,
+    inactive, until activated."""
+    raw = (environ.get(AUTO_ACTIVATE_VARIABLE) or "true").strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{AUTO_ACTIVATE_VARIABLE}={raw!r} is neither true nor false")
 
 
 @dataclass(frozen=True)
@@ -34,7 +55,7 @@ class Client:
     org_number: str  # normalised digits; the raw value when rejected
     erp_client_id: str
     name: str
-    status: ClientStatus = ClientStatus.OK
+    status: ClientStatus = ClientStatus.ACTIVE
     status_reason: str | None = None
 
     @property
@@ -44,7 +65,11 @@ class Client:
 
     @property
     def is_active(self) -> bool:
-        return self.status in (ClientStatus.OK, ClientStatus.NO_API_ACCESS)
+        """Extracted by runs: active, or listed without API access (retried until access is given)."""
+        return self.status in ENABLED_STATUSES
+
+
+ENABLED_STATUSES = (ClientStatus.ACTIVE, ClientStatus.NO_API_ACCESS)
 
 
 @dataclass(frozen=True)
@@ -107,12 +132,18 @@ def normalise_tenant_id(raw: str | None) -> str:
     raise ValueError(f"organisation number {compact} must have 9 digits (or 11 for a personal number)")
 
 
-def classify_clients(clients: list[Client]) -> list[Client]:
+def classify_clients(clients: list[Client], holders: Mapping[str, Client] | None = None) -> list[Client]:
     """Apply the client rules: a valid organisation/personal number, unique per integration.
 
-    Every client sharing a number is rejected (attributing rows to the wrong company is worse than
-    not loading them). Statuses already set by the connector (no API access) are kept. A client
-    listed twice with identical details (one client, not two sharing a number) counts once."""
+    A client whose number another client already holds is rejected, the reason naming the holder
+    (`holders`: number → the client holding it, e.g. from the warehouse). Clients that share a
+    number no one holds yet: the lowest ERP client id holds it. Statuses already set by the
+    connector (no API access) are kept. A client listed twice with identical details counts once."""
+    return resolve_shared_numbers(apply_number_rules(clients), holders or {})
+
+
+def apply_number_rules(clients: Iterable[Client]) -> list[Client]:
+    """Normalise each client's number; reject those without a valid one (they cannot be activated)."""
     normalised: list[Client] = []
     for client in dict.fromkeys(clients):
         try:
@@ -123,25 +154,57 @@ def classify_clients(clients: list[Client]) -> list[Client]:
             )
             continue
         normalised.append(replace(client, org_number=number))
-    counts = Counter(c.org_number for c in normalised if c.status != ClientStatus.REJECTED)
+    return normalised
+
+
+def resolve_shared_numbers(clients: Iterable[Client], holders: Mapping[str, Client]) -> list[Client]:
+    """At most one client per organisation number: the holder in `holders` keeps its number;
+    otherwise the lowest ERP client id among those listed takes it. Every other client with the
+    number is rejected, naming the holder (`erp-pipelines clients activate` can move the number)."""
+    clients = list(clients)
+    claimants: dict[str, list[Client]] = {}
+    for client in clients:
+        if client.status != ClientStatus.REJECTED:
+            claimants.setdefault(client.org_number, []).append(client)
+    holder_of: dict[str, tuple[Client, bool]] = {}
+    for number, group in claimants.items():
+        held = holders.get(number)
+        if held is not None:
+            holder_of[number] = (held, False)
+        elif len(group) > 1:
+            holder_of[number] = (min(group, key=lambda c: client_id_order(c.erp_client_id)), True)
     result = []
-    for client in normalised:
-        if client.status != ClientStatus.REJECTED and counts[client.org_number] > 1:
-            others = sorted(
-                o.erp_client_id
-                for o in normalised
-                if o.org_number == client.org_number and o.erp_client_id != client.erp_client_id
-            )
-            client = replace(
-                client,
-                status=ClientStatus.REJECTED,
-                status_reason=(
-                    f"organisation number {client.org_number} is shared with client(s) {', '.join(others)}; "
-                    "no two clients of one integration may share a number"
-                ),
-            )
+    for client in clients:
+        held = holder_of.get(client.org_number) if client.status != ClientStatus.REJECTED else None
+        if held is not None and held[0].erp_client_id != client.erp_client_id:
+            holder, same_listing = held
+            client = replace(client, status=ClientStatus.REJECTED,
+                             status_reason=shared_number_reason(client, holder, same_listing=same_listing))
         result.append(client)
     return result
+
+
+SHARED_NUMBER = "organisation number {number} is held by"
+
+
+def shared_number_reason(client: Client, holder: Client, *, same_listing: bool = False) -> str:
+    why = ("both appeared in the same first listing and the lower ERP client id holds it" if same_listing
+           else "it held the number first")
+    return (f"{SHARED_NUMBER.format(number=client.org_number)} {holder.erp} client {holder.erp_client_id} "
+            f"({holder.name}): {why}. To move the number to this client: "
+            f"erp-pipelines clients activate {client.erp} {client.org_number} --client-id {client.erp_client_id}")
+
+
+def is_shared_number_rejection(client: Client) -> bool:
+    """Rejected only because another client holds its (valid) number: activation can move it."""
+    return client.status == ClientStatus.REJECTED and (client.status_reason or "").startswith(
+        SHARED_NUMBER.format(number=client.org_number)
+    )
+
+
+def client_id_order(client_id: str) -> tuple[int, int | str]:
+    """ERP client ids in numeric order where they are numbers (80014 before 100003)."""
+    return (0, int(client_id)) if client_id.isdigit() else (1, client_id)
 
 
 def first_repeat(keys: Iterable[Hashable]) -> Hashable | None:

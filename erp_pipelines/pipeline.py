@@ -17,7 +17,7 @@ from typing import TypeVar
 from erp_pipelines.erps.base import Connector
 from erp_pipelines.erps.extract import ACCOUNTS, BALANCES, extract_tenants
 from erp_pipelines.errors import ClientAccessError
-from erp_pipelines.model import Client, TenantExtract, classify_clients
+from erp_pipelines.model import Client, TenantExtract, apply_number_rules
 from erp_pipelines.warehouse import ClientRegistryChange, Warehouse
 
 T = TypeVar("T")
@@ -86,8 +86,11 @@ async def iterate_then_close(connector: Connector, items: AsyncIterator[T]) -> A
 
 
 async def refresh_clients(connector: Connector, warehouse: Warehouse) -> tuple[list[Client], ClientRegistryChange]:
-    listed = classify_clients(await connector.list_clients())
-    return listed, warehouse.record_clients(connector.erp, listed, unresolved=connector.unresolved_client_ids)
+    """List the clients, apply the client rules against the registry (who holds which number,
+    who the user deactivated) and store them. Returns the listing with its final statuses."""
+    listed = apply_number_rules(await connector.list_clients())
+    change = warehouse.record_clients(connector.erp, listed, unresolved=connector.unresolved_client_ids)
+    return change.listed, change
 
 
 @dataclasses.dataclass

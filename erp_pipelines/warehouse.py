@@ -17,6 +17,7 @@ import datetime as dt
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,17 @@ import duckdb
 import pyarrow as pa
 from filelock import FileLock
 
-from erp_pipelines.model import Account, Balance, Client, ClientStatus, first_repeat
+from erp_pipelines.model import (
+    Account,
+    Balance,
+    Client,
+    ClientStatus,
+    client_id_order,
+    first_repeat,
+    is_shared_number_rejection,
+    resolve_shared_numbers,
+)
+from erp_pipelines.model import auto_activate as model_auto_activate
 
 MONEY = pa.decimal128(18, 2)
 
@@ -41,7 +52,18 @@ CREATE TABLE IF NOT EXISTS clients (
     revoked_at TIMESTAMP,
     last_extracted_at TIMESTAMP,
     last_error VARCHAR,
-    last_error_at TIMESTAMP
+    last_error_at TIMESTAMP,
+    deactivated_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS client_audit (
+    recorded_at TIMESTAMP NOT NULL,
+    erp VARCHAR NOT NULL,
+    org_number VARCHAR NOT NULL,
+    erp_client_id VARCHAR,
+    action VARCHAR NOT NULL,
+    rows_deleted BIGINT,
+    detail VARCHAR,
+    actor VARCHAR
 );
 CREATE TABLE IF NOT EXISTS accounts (
     erp VARCHAR NOT NULL,
@@ -80,7 +102,10 @@ CREATE TABLE IF NOT EXISTS reconciliation (
 );
 CREATE OR REPLACE VIEW current_clients AS
     SELECT * FROM clients WHERE status <> 'rejected'
-    QUALIFY row_number() OVER (PARTITION BY erp, org_number ORDER BY last_seen_at DESC, erp_client_id) = 1;
+    QUALIFY row_number() OVER (
+        PARTITION BY erp, org_number
+        ORDER BY status IN ('active', 'no_api_access') DESC, status = 'inactive' DESC, last_seen_at DESC, erp_client_id
+    ) = 1;
 CREATE OR REPLACE VIEW all_balances AS
     SELECT b.erp, b.org_number, c.name AS client_name, b.period, b.account_number,
            a.name AS account_name, a.account_type, a.standard_account,
@@ -89,6 +114,14 @@ CREATE OR REPLACE VIEW all_balances AS
     LEFT JOIN accounts a USING (erp, org_number, account_number)
     LEFT JOIN current_clients c USING (erp, org_number);
 """
+
+# Files written before the client lifecycle: the user's deactivation column, and "ok" renamed
+# "active". Run once per process and file, under the lock; harmless when already applied.
+MIGRATIONS = """
+ALTER TABLE clients ADD COLUMN IF NOT EXISTS deactivated_at TIMESTAMP;
+UPDATE clients SET status = 'active' WHERE status = 'ok';
+"""
+NOT_TENANT_TABLES = ("clients", "client_audit")  # a purge deletes a tenant's rows from every other table
 
 BALANCE_SCHEMA = pa.schema(
     [
@@ -133,8 +166,10 @@ RECONCILIATION_SCHEMA = pa.schema(
 )
 CLIENT_COLUMNS = (
     "erp, org_number, erp_client_id, name, status, status_reason, first_seen_at, last_seen_at, revoked_at, "
-    "last_extracted_at, last_error, last_error_at"
+    "last_extracted_at, last_error, last_error_at, deactivated_at"
 )
+ENABLED = (ClientStatus.ACTIVE, ClientStatus.NO_API_ACCESS)
+HOLDER_RANK = {ClientStatus.ACTIVE: 0, ClientStatus.NO_API_ACCESS: 0, ClientStatus.INACTIVE: 1, ClientStatus.REVOKED: 2}
 
 
 def utcnow() -> dt.datetime:
@@ -145,16 +180,24 @@ def utcnow() -> dt.datetime:
 class ClientRegistryChange:
     """What one refresh of an ERP's client list changed (organisation numbers)."""
 
-    active: list[str]
+    active: list[str]  # listed and enabled: extracted by the schedule and the sensor
     new: list[str]
     reactivated: list[str]
     revoked: list[str]
     rejected: list[Client]
+    inactive: list[str] = dataclasses.field(default_factory=list)  # listed, deactivated by the user
+    listed: list[Client] = dataclasses.field(default_factory=list)  # the listing with its final statuses
+
+    @property
+    def registered(self) -> list[str]:
+        """Numbers that have (or get) a partition: every listed client holding its number."""
+        return self.active + self.inactive
 
     @property
     def counts(self) -> dict[str, int]:
         return {
             "tenants_active": len(self.active),
+            "tenants_inactive": len(self.inactive),
             "tenants_new": len(self.new),
             "tenants_reactivated": len(self.reactivated),
             "tenants_revoked": len(self.revoked),
@@ -189,6 +232,7 @@ class Warehouse:
             try:
                 if not self._schema_ready:
                     con.execute(SCHEMA)
+                    con.execute(MIGRATIONS)
                     self._schema_ready = True
                 yield con
             finally:
@@ -242,41 +286,63 @@ class Warehouse:
         }
 
     def record_clients(self, erp: str, listed: list[Client], *, seen_at: dt.datetime | None = None,
-                       unresolved: Iterable[str] = ()) -> ClientRegistryChange:
-        """Store one complete client listing (already classified). Clients no longer listed are
-        marked revoked (history is kept); a re-listed one is reactivated. `unresolved`: ERP client
-        ids the ERP could not describe this time (a passing failure): they stay as they were."""
+                       unresolved: Iterable[str] = (), auto_activate: bool | None = None) -> ClientRegistryChange:
+        """Store one complete client listing (classified by `classify_clients` or at least by
+        `apply_number_rules`). Clients no longer listed are marked revoked (history is kept); a
+        re-listed one comes back. A number already held in the registry stays with its holder: a
+        newcomer sharing it is rejected, naming the holder. A new valid client starts active, or
+        inactive when `auto_activate` is false (default: `ERP_AUTO_ACTIVATE`). Clients the user
+        deactivated stay inactive. `unresolved`: ERP client ids the ERP could not describe this
+        time (a passing failure): they stay as they were."""
         unresolved = set(unresolved)
         seen_at = seen_at or utcnow()
+        auto = model_auto_activate(os.environ) if auto_activate is None else auto_activate
+        # the registry, not the listing's order, decides who holds a shared number
+        listed = [replace(c, status=ClientStatus.ACTIVE, status_reason=None) if is_shared_number_rejection(c) else c
+                  for c in dict.fromkeys(listed)]
         with self._transaction() as (con, _):
             existing = {
                 row[2]: row
                 for row in con.execute(f"SELECT {CLIENT_COLUMNS} FROM clients WHERE erp = ?", [erp]).fetchall()
             }
-            rows, new, reactivated, revoked = [], [], [], []
+            listed = resolve_shared_numbers(listed, _registry_holders(erp, existing, listed))
+            rows, new, reactivated, revoked, final = [], [], [], [], []
             listed_ids = set()
             for client in listed:
                 listed_ids.add(client.erp_client_id)
                 old = existing.get(client.erp_client_id)
                 status, reason = client.status, client.status_reason
+                deactivated_at = old[12] if old else None
+                if status == ClientStatus.REJECTED:
+                    if old is not None and old[4] != ClientStatus.REJECTED and is_shared_number_rejection(client):
+                        # the number was moved to another client (`activate`): this one stays inactive
+                        status, reason = ClientStatus.INACTIVE, old[5] if old[4] == ClientStatus.INACTIVE else reason
+                        deactivated_at = deactivated_at or seen_at
+                    elif old is not None and old[4] == ClientStatus.REJECTED and _same_holder(old[5], reason):
+                        reason = old[5]  # keep how the holder was chosen (e.g. "same first listing")
+                elif deactivated_at is not None:
+                    status = ClientStatus.INACTIVE
+                    reason = old[5] if old[4] == ClientStatus.INACTIVE and old[5] else deactivated_reason(erp, client.org_number)
+                elif old is None or old[4] == ClientStatus.REJECTED:
+                    new.append(client.org_number)
+                    if not auto:
+                        status, reason, deactivated_at = ClientStatus.INACTIVE, waiting_reason(erp, client.org_number), seen_at
+                else:
+                    if old[4] == ClientStatus.REVOKED:
+                        reactivated.append(client.org_number)
+                    if old[4] == ClientStatus.NO_API_ACCESS and status == ClientStatus.ACTIVE:
+                        status, reason = ClientStatus.NO_API_ACCESS, old[5]  # until an extraction succeeds
+                final.append(replace(client, status=status, status_reason=reason))
                 if old is None:
-                    if client.status != ClientStatus.REJECTED:
-                        new.append(client.org_number)
                     rows.append((erp, client.org_number, client.erp_client_id, client.name, status, reason,
-                                 seen_at, seen_at, None, None, None, None))
-                    continue
-                if old[4] == ClientStatus.REVOKED and status != ClientStatus.REJECTED:
-                    reactivated.append(client.org_number)
-                if old[4] == ClientStatus.NO_API_ACCESS and status == ClientStatus.OK:
-                    status, reason = ClientStatus.NO_API_ACCESS, old[5]  # until an extraction succeeds
-                rows.append((erp, client.org_number, client.erp_client_id, client.name, status, reason,
-                             old[6], seen_at, None, old[9], old[10], old[11]))
+                                 seen_at, seen_at, None, None, None, None, deactivated_at))
+                else:
+                    rows.append((erp, client.org_number, client.erp_client_id, client.name, status, reason,
+                                 old[6], seen_at, None, old[9], old[10], old[11], deactivated_at))
             for client_id, old in existing.items():
-                if client_id in listed_ids or client_id in unresolved:
-                    if client_id in unresolved:
-                        rows.append(old)
+                if client_id in listed_ids:
                     continue
-                if old[4] in (ClientStatus.OK, ClientStatus.NO_API_ACCESS):
+                if client_id not in unresolved and old[4] in (*ENABLED, ClientStatus.INACTIVE):
                     revoked.append(old[1])
                     rows.append(old[:4] + (ClientStatus.REVOKED, "no longer listed by the ERP: access was withdrawn",
                                            old[6], old[7], seen_at) + old[9:])
@@ -284,36 +350,179 @@ class Warehouse:
                     rows.append(old)
             con.execute("DELETE FROM clients WHERE erp = ?", [erp])
             if rows:
-                con.executemany(f"INSERT INTO clients ({CLIENT_COLUMNS}) VALUES ({', '.join('?' * 12)})",
+                con.executemany(f"INSERT INTO clients ({CLIENT_COLUMNS}) VALUES ({', '.join('?' * 13)})",
                                 [tuple(str(v) if isinstance(v, ClientStatus) else v for v in r) for r in rows])
-        active = [c.org_number for c in listed if c.status != ClientStatus.REJECTED]
-        rejected = [c for c in listed if c.status == ClientStatus.REJECTED]
-        return ClientRegistryChange(active, new, reactivated, revoked, rejected)
+        return ClientRegistryChange(
+            active=[c.org_number for c in final if c.status in ENABLED],
+            new=new,
+            reactivated=reactivated,
+            revoked=revoked,
+            rejected=[c for c in final if c.status == ClientStatus.REJECTED],
+            inactive=[c.org_number for c in final if c.status == ClientStatus.INACTIVE],
+            listed=final,
+        )
 
     def record_extraction_outcomes(
         self, erp: str, *, succeeded: Iterable[str], failed: Mapping[str, tuple[str, bool]], at: dt.datetime | None = None
     ) -> None:
         """After extraction: clear errors of tenants that succeeded; store the error (and, for
-        access errors, the no_api_access status) of those that failed. `failed`: org → (message, is_access_error)."""
+        access errors, the no_api_access status) of those that failed. `failed`: org → (message, is_access_error).
+        Only the enabled client holding a number is touched (one per number, see `activate_client`)."""
         at = at or utcnow()
         succeeded = list(succeeded)
         with self._transaction() as (con, _):
             if succeeded:
                 con.execute(
                     "UPDATE clients SET last_extracted_at = ?, last_error = NULL, last_error_at = NULL, "
-                    "status = CASE WHEN status = 'no_api_access' THEN 'ok' ELSE status END, "
+                    "status = 'active', "
                     "status_reason = CASE WHEN status = 'no_api_access' THEN NULL ELSE status_reason END "
-                    "WHERE erp = ? AND org_number IN (SELECT unnest(?::VARCHAR[])) AND status IN ('ok', 'no_api_access')",
+                    "WHERE erp = ? AND org_number IN (SELECT unnest(?::VARCHAR[])) AND status IN ('active', 'no_api_access')",
                     [at, erp, succeeded],
                 )
             for org, (message, is_access_error) in failed.items():
                 con.execute(
                     "UPDATE clients SET last_error = ?, last_error_at = ?, "
-                    "status = CASE WHEN ? AND status = 'ok' THEN 'no_api_access' ELSE status END, "
-                    "status_reason = CASE WHEN ? AND status IN ('ok', 'no_api_access') THEN ? ELSE status_reason END "
-                    "WHERE erp = ? AND org_number = ? AND status IN ('ok', 'no_api_access')",
+                    "status = CASE WHEN ? THEN 'no_api_access' ELSE status END, "
+                    "status_reason = CASE WHEN ? THEN ? ELSE status_reason END "
+                    "WHERE erp = ? AND org_number = ? AND status IN ('active', 'no_api_access')",
                     [message, at, is_access_error, is_access_error, message, erp, org],
                 )
+
+    # ------------------------------------------------------------------------------ client lifecycle
+
+    def client_details(self, erp: str | None = None) -> list[dict[str, Any]]:
+        """Every client (of one ERP, or all) with its status, reason, last extraction and last error."""
+        with self.connect() as con:
+            cursor = con.execute(
+                f"SELECT {CLIENT_COLUMNS} FROM clients WHERE ? IS NULL OR erp = ? ORDER BY erp, name, erp_client_id",
+                [erp, erp],
+            )
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def enabled_never_extracted(self, erp: str) -> set[str]:
+        """Numbers of enabled clients without a successful extraction (new, purged, or just given a
+        number another client held): they need a full sync even if the partition was loaded before."""
+        rows = self.query("SELECT org_number FROM clients WHERE erp = ? AND status IN ('active', 'no_api_access') "
+                          "AND last_extracted_at IS NULL", [erp])
+        return {org for (org,) in rows}
+
+    def activate_client(self, erp: str, client_id: str, *, actor: str | None = None,
+                        at: dt.datetime | None = None) -> list[str]:
+        """Make one client active, in one transaction. When another client holds its number, the
+        number moves: every other enabled client with that number becomes inactive (and any other
+        one is marked deactivated, so it comes back inactive if listed again). Returns the ERP
+        client ids deactivated. Only an inactive client, or one rejected only for its shared
+        number, can be activated (the caller checks and explains; this refuses silently)."""
+        at = at or utcnow()
+        with self._transaction() as (con, _):
+            row = con.execute(
+                "SELECT org_number, name, status, status_reason FROM clients WHERE erp = ? AND erp_client_id = ?",
+                [erp, client_id],
+            ).fetchone()
+            if row is None:
+                raise KeyError(f"{erp} client {client_id} is not in the registry")
+            org, name, status, _ = row
+            others = con.execute(
+                "SELECT erp_client_id, status FROM clients WHERE erp = ? AND org_number = ? AND erp_client_id <> ? "
+                "AND status <> 'rejected'",
+                [erp, org, client_id],
+            ).fetchall()
+            moved_from = [cid for cid, other_status in others if other_status in ENABLED]
+            for other in moved_from:
+                moved = (f"organisation number {org} was moved to {erp} client {client_id} ({name}) on activation; "
+                         f"to move it back: erp-pipelines clients activate {erp} {org} --client-id {other}")
+                con.execute(
+                    "UPDATE clients SET status = 'inactive', deactivated_at = ?, status_reason = ? "
+                    "WHERE erp = ? AND erp_client_id = ?",
+                    [at, moved, erp, other],
+                )
+            con.execute(
+                "UPDATE clients SET deactivated_at = coalesce(deactivated_at, ?) WHERE erp = ? AND org_number = ? "
+                "AND erp_client_id <> ? AND status <> 'rejected'",
+                [at, erp, org, client_id],
+            )
+            con.execute(
+                "UPDATE clients SET status = 'active', status_reason = NULL, deactivated_at = NULL "
+                "WHERE erp = ? AND erp_client_id = ?",
+                [erp, client_id],
+            )
+            detail = f"was {status}" + (f"; number moved from client(s) {', '.join(moved_from)}" if moved_from else "")
+            _audit(con, at, erp, org, client_id, "activate", None, detail, actor)
+            for other in moved_from:
+                _audit(con, at, erp, org, other, "deactivate", None, f"number moved to client {client_id}", actor)
+        return moved_from
+
+    def deactivate_client(self, erp: str, client_id: str, *, actor: str | None = None,
+                          at: dt.datetime | None = None) -> None:
+        """Mark a client deactivated: an enabled one becomes inactive (no runs; history kept); a
+        revoked one stays revoked and comes back inactive if listed again."""
+        at = at or utcnow()
+        with self._transaction() as (con, _):
+            row = con.execute("SELECT org_number, status FROM clients WHERE erp = ? AND erp_client_id = ?",
+                              [erp, client_id]).fetchone()
+            if row is None:
+                raise KeyError(f"{erp} client {client_id} is not in the registry")
+            org, status = row
+            con.execute(
+                "UPDATE clients SET deactivated_at = coalesce(deactivated_at, ?), "
+                "status = CASE WHEN status IN ('active', 'no_api_access') THEN 'inactive' ELSE status END, "
+                "status_reason = CASE WHEN status IN ('active', 'no_api_access') THEN ? ELSE status_reason END "
+                "WHERE erp = ? AND erp_client_id = ?",
+                [at, deactivated_reason(erp, org), erp, client_id],
+            )
+            _audit(con, at, erp, org, client_id, "deactivate", None, f"was {status}", actor)
+
+    def tenant_tables(self) -> list[str]:
+        """Every table holding tenant rows (columns erp and org_number), but the client registry."""
+        rows = self.query(
+            "SELECT table_name FROM information_schema.columns WHERE table_schema = 'main' "
+            "AND column_name IN ('erp', 'org_number') GROUP BY table_name HAVING count(*) = 2 ORDER BY table_name"
+        )
+        views = {r[0] for r in self.query("SELECT view_name FROM duckdb_views() WHERE NOT internal")}
+        return [name for (name,) in rows if name not in NOT_TENANT_TABLES and name not in views]
+
+    def tenant_row_counts(self, erp: str, org_number: str) -> dict[str, int]:
+        """Rows of one tenant per table (what a purge would delete)."""
+        with self.connect() as con:
+            return {
+                table: con.execute(f"SELECT count(*) FROM {table} WHERE erp = ? AND org_number = ?",
+                                   [erp, org_number]).fetchone()[0]
+                for table in self.tenant_tables()
+            }
+
+    def purge_tenant(self, erp: str, org_number: str, *, actor: str | None = None,
+                     at: dt.datetime | None = None) -> dict[str, int]:
+        """Delete every row of one tenant from every table, in one transaction; the client stays
+        in the registry as inactive (a revoked one stays revoked), and an audit row records when,
+        what and how many rows. Returns the rows deleted per table."""
+        at = at or utcnow()
+        tables = self.tenant_tables()
+        with self._transaction() as (con, _):
+            deleted = {}
+            for table in tables:
+                deleted[table] = con.execute(f"SELECT count(*) FROM {table} WHERE erp = ? AND org_number = ?",
+                                             [erp, org_number]).fetchone()[0]
+                con.execute(f"DELETE FROM {table} WHERE erp = ? AND org_number = ?", [erp, org_number])
+            con.execute(
+                "UPDATE clients SET deactivated_at = coalesce(deactivated_at, ?), last_extracted_at = NULL, "
+                "last_error = NULL, last_error_at = NULL, "
+                "status = CASE WHEN status IN ('active', 'no_api_access') THEN 'inactive' ELSE status END, "
+                "status_reason = CASE WHEN status IN ('active', 'no_api_access', 'inactive') THEN ? "
+                "ELSE status_reason END "
+                "WHERE erp = ? AND org_number = ? AND status <> 'rejected'",
+                [at, purged_reason(erp, org_number, at), erp, org_number],
+            )
+            detail = ", ".join(f"{table}={count}" for table, count in deleted.items())
+            _audit(con, at, erp, org_number, None, "purge", sum(deleted.values()), detail, actor)
+        return deleted
+
+    def audit(self, erp: str | None = None) -> list[dict[str, Any]]:
+        with self.connect() as con:
+            cursor = con.execute("SELECT * FROM client_audit WHERE ? IS NULL OR erp = ? ORDER BY recorded_at, action",
+                                 [erp, erp])
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     # ------------------------------------------------------------------------------ records
 
@@ -438,3 +647,46 @@ def _repeat(value: Any, type_: pa.DataType, n: int) -> pa.Array:
 def _append(columns: dict[str, list], *values: Any) -> None:
     for column, value in zip(columns.values(), values, strict=True):
         column.append(value)
+
+
+def deactivated_reason(erp: str, org_number: str) -> str:
+    return f"deactivated: no scheduled or sensor runs; to resume: erp-pipelines clients activate {erp} {org_number}"
+
+
+def purged_reason(erp: str, org_number: str, at: dt.datetime) -> str:
+    return (f"accounts deleted (Slett kontoer) at {at:%Y-%m-%d %H:%M} UTC; to load again: "
+            f"erp-pipelines clients activate {erp} {org_number}")
+
+
+def waiting_reason(erp: str, org_number: str) -> str:
+    return (f"new client waiting for activation (ERP_AUTO_ACTIVATE=false); "
+            f"to load it: erp-pipelines clients activate {erp} {org_number}")
+
+
+def _registry_holders(erp: str, existing: Mapping[str, tuple], listed: list[Client]) -> dict[str, Client]:
+    """Number → the registered client holding it: an enabled one first, then inactive, then revoked
+    (the first seen among equals). A client the listing now rejects holds nothing."""
+    listed_by_id = {c.erp_client_id: c for c in listed}
+    holders: dict[str, Client] = {}
+    ranked = sorted((row for row in existing.values() if row[4] in HOLDER_RANK),
+                    key=lambda row: (HOLDER_RANK[ClientStatus(row[4])], row[6], client_id_order(row[2])))
+    for row in ranked:
+        now = listed_by_id.get(row[2])
+        if now is not None and now.status == ClientStatus.REJECTED:
+            continue
+        number = now.org_number if now is not None else row[1]
+        holders.setdefault(number, Client(erp, number, row[2], row[3], ClientStatus(row[4])))
+    return holders
+
+
+def _same_holder(old_reason: str | None, new_reason: str | None) -> bool:
+    """Both reasons name the same holder of the same shared number."""
+    def holder(reason: str | None) -> str | None:
+        return reason.split(":", 1)[0] if reason and reason.startswith("organisation number ") else None
+    return holder(old_reason) is not None and holder(old_reason) == holder(new_reason)
+
+
+def _audit(con: duckdb.DuckDBPyConnection, at: dt.datetime, erp: str, org_number: str, client_id: str | None,
+           action: str, rows_deleted: int | None, detail: str, actor: str | None) -> None:
+    con.execute("INSERT INTO client_audit VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [at, erp, org_number, client_id, action, rows_deleted, detail, actor])

@@ -128,21 +128,22 @@ async def _run(connector, warehouse):
 
 
 def test_invalid_and_duplicate_organisation_numbers_are_rejected_and_nothing_is_stored(tmp_path):
-    """generate_ledger's fixtures: no number, a bad check digit, and two clients sharing one number."""
+    """generate_ledger's fixtures: no number, a bad check digit, and two clients sharing one number
+    (the lower client id holds it; the other is rejected)."""
     ledger = generate_ledger(3, first_month=MONTHS[0], last_month=MONTHS[-1])
     sandbox, connector, warehouse = _sandbox_world(tmp_path, ledger)
     _, change, failed = asyncio.run(_run(connector, warehouse))
     rejected = {c.name: c.status_reason for c in change.rejected}
-    assert set(rejected) == {"Uten Orgnr Testklient", "Feil Kontrollsiffer AS", "Dobbel Registrert AS",
-                             "Dobbel Registrert Kopi AS"}
-    assert "shared with client(s)" in rejected["Dobbel Registrert AS"] and failed == {}
-    bad = [t for t in ledger.tenants if t.expected_status == "rejected"]
+    assert set(rejected) == {"Uten Orgnr Testklient", "Feil Kontrollsiffer AS", "Dobbel Registrert Kopi AS"}
+    assert "is held by tripletex client" in rejected["Dobbel Registrert Kopi AS"] and failed == {}
+    active = ledger.valid_tenants
+    bad = [t for t in ledger.tenants if t not in active]
     bad_ids = [str(t.erp_client_id) for t in bad]
     assert warehouse.query("SELECT count(*) FROM clients WHERE erp_client_id IN (SELECT unnest(?::VARCHAR[])) "
-                           "AND status = 'rejected'", [bad_ids]) == [(4,)]
+                           "AND status = 'rejected'", [bad_ids]) == [(3,)]
     stored = {org for (org,) in warehouse.query("SELECT DISTINCT org_number FROM balances UNION "
                                                 "SELECT DISTINCT org_number FROM accounts")}
-    assert stored == {t.org_number for t in ledger.valid_tenants}  # only the valid ones
+    assert stored == {t.org_number for t in active}  # only the valid ones and the number's holder
     requested = {r.tenant for r in sandbox.stats.log}
     assert not requested & set(bad_ids)  # a rejected tenant is never even asked for data
 
@@ -150,9 +151,9 @@ def test_invalid_and_duplicate_organisation_numbers_are_rejected_and_nothing_is_
 def test_a_client_listed_twice_is_one_tenant_not_a_duplicate():
     number = make_org_number(3)
     once = Client("tripletex", number, "80001", "Fjord AS")
-    assert [c.status for c in classify_clients([once, once])] == [ClientStatus.OK]
+    assert [c.status for c in classify_clients([once, once])] == [ClientStatus.ACTIVE]
     other = Client("tripletex", number, "80002", "Fjord Kopi AS")
-    assert {c.status for c in classify_clients([once, other])} == {ClientStatus.REJECTED}
+    assert [c.status for c in classify_clients([once, other])] == [ClientStatus.ACTIVE, ClientStatus.REJECTED]
 
 
 def test_a_duplicated_row_never_reaches_the_warehouse(tmp_path):
@@ -231,4 +232,4 @@ def test_a_missing_required_field_is_refused_naming_the_tenant_and_nothing_is_st
     others = {org for (org,) in warehouse.query("SELECT DISTINCT org_number FROM balances")}
     assert others == {t.org_number for t in ledger.valid_tenants} - {victim.org_number}
     status = warehouse.query("SELECT status, last_error FROM clients WHERE org_number = ?", [victim.org_number])
-    assert status[0][0] == "ok" and missing in status[0][1]  # still a tenant, with the error to fix
+    assert status[0][0] == "active" and missing in status[0][1]  # still a tenant, with the error to fix

@@ -22,7 +22,7 @@ from erp_pipelines.warehouse import Warehouse
 SUPPORT = Path(__file__).with_name("concurrency_support.py")
 THIS_MONTH = dt.date.today().replace(day=1)
 FIRST = add_months(THIS_MONTH, -2)
-RANGES = [(0, 3), (1, 4), (2, 5), (0, 5), (3, 5), (0, 2), (1, 3), (2, 4)]  # eight runs, every tenant in several
+RANGES = [(0, 3), (1, 4), (2, -1), (0, -1), (3, -1), (0, 2), (1, 3), (2, 4)]  # eight runs, every tenant in several
 
 
 @pytest.mark.slow
@@ -40,7 +40,7 @@ def test_eight_concurrent_multiprocess_runs_over_overlapping_tenants(tmp_path, m
             assert job.execute_in_process(instance=instance,
                                           asset_selection=[dg.AssetKey(["tripletex", "clients"])]).success
             keys = instance.get_dynamic_partitions("tripletex_tenants")
-        assert len(keys) == 6
+        assert len(keys) == len(ledger.valid_tenants)  # the shared number's holder included
 
         runs = [
             subprocess.Popen([sys.executable, str(SUPPORT), keys[a], keys[b]], env={**os.environ, **env},

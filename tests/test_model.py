@@ -46,20 +46,24 @@ def test_personal_number_is_accepted_for_sole_proprietors():
         normalise_tenant_id(number[:-1] + str((int(number[-1]) + 1) % 10))
 
 
-def test_classify_rejects_invalid_and_every_duplicate():
+def test_classify_rejects_invalid_numbers_and_the_higher_id_of_a_shared_number():
     good, shared = make_org_number(1), make_org_number(2)
     clients = [
         Client("x", good, "1", "Good AS"),
         Client("x", "", "2", "Nameless AS"),
-        Client("x", shared, "3", "Twin A"),
         Client("x", shared, "4", "Twin B"),
+        Client("x", shared, "3", "Twin A"),
     ]
     result = {c.erp_client_id: c for c in classify_clients(clients)}
-    assert result["1"].status == ClientStatus.OK
+    assert result["1"].status == ClientStatus.ACTIVE
     assert result["2"].status == ClientStatus.REJECTED and "no organisation number" in result["2"].status_reason
-    for twin, other in (("3", "4"), ("4", "3")):
-        assert result[twin].status == ClientStatus.REJECTED
-        assert f"shared with client(s) {other}" in result[twin].status_reason
+    assert result["3"].status == ClientStatus.ACTIVE  # the lower client id holds the number
+    assert result["4"].status == ClientStatus.REJECTED
+    assert result["4"].status_reason.startswith(f"organisation number {shared} is held by x client 3 (Twin A)")
+    # a holder known from the registry keeps the number, whatever the ids
+    held = {c.erp_client_id: c for c in classify_clients(clients, holders={shared: Client("x", shared, "4", "Twin B")})}
+    assert held["4"].status == ClientStatus.ACTIVE and held["3"].status == ClientStatus.REJECTED
+    assert "it held the number first" in held["3"].status_reason
 
 
 def test_kroner_is_exact_and_months_are_inclusive():

@@ -59,7 +59,7 @@ def test_registry_marks_revoked_and_reactivated(warehouse):
     second = warehouse.record_clients("x", [a])
     assert second.revoked == ["B"] and second.new == []
     statuses = dict(warehouse.query("SELECT erp_client_id, status FROM clients"))
-    assert statuses == {"1": "ok", "2": "revoked", "3": "rejected"}
+    assert statuses == {"1": "active", "2": "revoked", "3": "rejected"}
     third = warehouse.record_clients("x", [a, b])
     assert third.reactivated == ["B"]
     assert warehouse.query("SELECT revoked_at FROM clients WHERE erp_client_id = '2'") == [(None,)]

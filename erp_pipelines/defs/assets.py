@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 import dagster as dg
 
 from erp_pipelines import quality
+from erp_pipelines.clients import not_loadable_reason
 from erp_pipelines.config import ErpConfig
 from erp_pipelines.erps.extract import ACCOUNTS, BALANCES
 from erp_pipelines.errors import ConfigError
@@ -108,7 +109,7 @@ def build_erp_assets(erp_config: ErpConfig) -> ErpAssets:
     @dg.asset(
         key=clients_key,
         description=f"The tenants the {connector_class.display_name} credential reaches, with their status "
-        "(ok / no API access / rejected / revoked). Adds new organisation numbers to the partitions.",
+        "(active / inactive / no API access / rejected / revoked). Adds new organisation numbers to the partitions.",
         **common,
     )
     def clients(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
@@ -116,13 +117,15 @@ def build_erp_assets(erp_config: ErpConfig) -> ErpAssets:
         connector = getattr(context.resources, erp).connector()
         listed, change = asyncio.run(await_then_close(connector, refresh_clients(connector, warehouse)))
         existing = set(context.instance.get_dynamic_partitions(partitions.name))
-        added = [org for org in change.active if org not in existing]
+        added = [org for org in change.registered if org not in existing]  # inactive ones too: activation needs no refresh
         if added:
             context.instance.add_dynamic_partitions(partitions.name, added)
         for client in change.rejected:
             context.log.warning(f"rejected {client.label}: {client.status_reason}")
         for org in change.revoked:
             context.log.warning(f"access withdrawn: tenant {org} is no longer listed; its history is kept")
+        for org in change.inactive:
+            context.log.info(f"tenant {org} is inactive (no runs); activate: erp-pipelines clients activate {erp} {org}")
         return dg.MaterializeResult(
             metadata={
                 **change.counts,
@@ -136,12 +139,12 @@ def build_erp_assets(erp_config: ErpConfig) -> ErpAssets:
         wanted = list(context.partition_keys)
         active = warehouse.active_clients(erp, wanted)
         outcome = LoadOutcome(erp, wanted)
-        for org in wanted:
-            if org not in active:
-                outcome.failures[org] = (
-                    f"tenant {org} is not an active {erp} client (revoked, rejected or never listed). "
-                    f"Fix: run {erp}/clients; if access was withdrawn, the client must grant it again."
-                )
+        not_active = [org for org in wanted if org not in active]
+        if not_active:
+            registered = warehouse.clients(erp)
+            for org in not_active:  # inactive, rejected, revoked or never listed: say which, and the fix
+                outcome.failures[org] = not_loadable_reason(erp, org, [c for c in registered if c.org_number == org])
+                context.log.error(outcome.failures[org])
         connector = getattr(context.resources, erp).connector()
         batches = iterate_then_close(
             connector,

@@ -18,8 +18,9 @@ from erp_pipelines.pipeline import await_then_close, refresh_clients
 def build_client_access_sensor(erp_assets: ErpAssets, *, chunk_size: int) -> dg.SensorDefinition:
     """Polls the ERP's client list (for file sources: the drop folder).
 
-    - A newly granted client becomes a partition; every tenant whose balances were never
-      materialised (new, or registered by `<erp>/clients`) gets a full sync requested.
+    - A newly granted client becomes a partition; every active tenant whose balances were never
+      materialised (new, registered by `<erp>/clients`, just activated, or purged) gets a full
+      sync requested. Inactive tenants get no runs.
     - A client that disappeared is recorded as revoked (history kept); a returning one is re-synced.
     - Sources with content fingerprints (SAF-T files) get a re-import when a tenant's content changes.
 
@@ -48,9 +49,12 @@ def build_client_access_sensor(erp_assets: ErpAssets, *, chunk_size: int) -> dg.
         listed, change, fingerprints = asyncio.run(await_then_close(connector, poll()))
         existing = list(context.instance.get_dynamic_partitions(erp_assets.partitions.name))
         known = set(existing)
-        added = [org for org in change.active if org not in known]
-        active = set(change.active)
+        added = [org for org in change.registered if org not in known]  # inactive ones too (no runs)
+        active = set(change.active)  # inactive clients get no runs
         synced = context.instance.get_materialized_partitions(erp_assets.balances_key) if existing else set()
+        # a purged tenant ("Slett kontoer"), or one whose number moved to another client, was
+        # materialised before but not for the client now holding the number: sync it in full
+        synced -= warehouse.enabled_never_extracted(erp)
         by_org = _fingerprints_by_org(listed, fingerprints)
         previous = json.loads(context.cursor) if context.cursor else {}
         changed = [org for org, value in by_org.items() if org in synced and previous.get(org, value) != value]
@@ -121,9 +125,10 @@ def build_daily_balance_schedule(erp_assets: ErpAssets, *, chunk_size: int, cron
     def daily_balances(context: dg.ScheduleEvaluationContext, **resources):
         warehouse = _resource(context, resources, WAREHOUSE).get()
         ordered = list(context.instance.get_dynamic_partitions(erp_assets.partitions.name))
-        active = warehouse.active_clients(erp, ordered)
+        active = warehouse.active_clients(erp, ordered)  # inactive, rejected and revoked tenants get no runs
         if not active:
-            return dg.SkipReason(f"no active {erp} tenants yet: materialise {erp}/clients first")
+            return dg.SkipReason(f"no active {erp} tenants: materialise {erp}/clients, or activate one "
+                                 f"(erp-pipelines clients activate {erp} ORGNR)")
         day = context.scheduled_execution_time.astimezone(OSLO).date()
         return tenant_range_run_requests(
             ordered_keys=ordered,

@@ -7,6 +7,7 @@ import dagster as dg
 from erp_pipelines.config import load_config
 from erp_pipelines.defs.assets import WAREHOUSE, build_erp_assets
 from erp_pipelines.defs.automation import build_client_access_sensor, build_daily_balance_schedule
+from erp_pipelines.defs.clients import CLIENT_JOBS, build_full_sync_job
 from erp_pipelines.defs.resources import WarehouseResource, erp_resource_from_env
 from erp_pipelines.errors import ConfigError
 
@@ -19,12 +20,13 @@ def build_definitions(environ: Mapping[str, str] | None = None) -> dg.Definition
             fix="set the credentials of at least one ERP (its <ERP>_... variables, or SAFT_DROP_DIR); "
             "see .env.example",
         )
-    assets, sensors, schedules = [], [], []
+    assets, sensors, schedules, jobs = [], [], [], list(CLIENT_JOBS)
     resources: dict = {WAREHOUSE: WarehouseResource(path=config.warehouse_path)}
     for erp_config in config.erps:
         built = build_erp_assets(erp_config)
         assets += built.assets
         sensors.append(build_client_access_sensor(built, chunk_size=config.tenants_per_run))
+        jobs.append(build_full_sync_job(built))
         if erp_config.spec.connector_class.scheduled_refresh:
             schedules.append(build_daily_balance_schedule(built, chunk_size=config.tenants_per_run))
         resources[erp_config.name] = erp_resource_from_env(
@@ -34,6 +36,7 @@ def build_definitions(environ: Mapping[str, str] | None = None) -> dg.Definition
         assets=assets,
         sensors=sensors,
         schedules=schedules,
+        jobs=jobs,
         resources=resources,
         executor=dg.in_process_executor,
     )

@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from decimal import Decimal
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -995,3 +995,24 @@ def identity_front(owners: Mapping[str, ASGIApp]) -> Starlette:
         return Response(answer.content, status_code=answer.status_code, media_type=answer.headers.get("content-type"))
 
     return Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST"])])
+
+
+def ids_in_ledger_order(tenants: Iterable[Any], make: Callable[[Any, int], str],
+                        listed_as: Callable[[str], str] = lambda value: value) -> dict[int, str]:
+    """An id per tenant (`make(tenant, attempt)`, by `erp_client_id`) for ERPs whose ids are hashes:
+    a tenant sharing an organisation number with an earlier one is given ids until the one the
+    connector lists (`listed_as`) sorts after the earlier tenant's. The client rules give a shared
+    number to the lower id; the truth ledger gives it to the first tenant."""
+    from erp_pipelines.model import client_id_order
+
+    ids: dict[int, str] = {}
+    first_with: dict[str, str] = {}
+    for tenant in tenants:
+        attempt, value = 0, make(tenant, 0)
+        holder = first_with.get(tenant.org_number) if tenant.org_number else None
+        while holder is not None and client_id_order(listed_as(value)) <= client_id_order(holder):
+            attempt += 1
+            value = make(tenant, attempt)
+        first_with.setdefault(tenant.org_number, listed_as(value))
+        ids[tenant.erp_client_id] = value
+    return ids

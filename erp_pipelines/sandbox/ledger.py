@@ -344,13 +344,13 @@ def generate_ledger(
         bad_checksum = make_org_number(seed + 424242)
         bad_checksum = bad_checksum[:-1] + str((int(bad_checksum[-1]) + 1) % 10)
         shared = make_org_number(seed + 777)
-        fixtures = [
-            ("Uten Orgnr Testklient", "", "AS"),
-            ("Feil Kontrollsiffer AS", bad_checksum, "AS"),
-            ("Dobbel Registrert AS", shared, "AS"),
-            ("Dobbel Registrert Kopi AS", shared, "AS"),
+        fixtures = [  # the client rules reject all but the first holder of the shared number (the lower id)
+            ("Uten Orgnr Testklient", "", "AS", "rejected"),
+            ("Feil Kontrollsiffer AS", bad_checksum, "AS", "rejected"),
+            ("Dobbel Registrert AS", shared, "AS", "ok"),
+            ("Dobbel Registrert Kopi AS", shared, "AS", "rejected"),
         ]
-        for j, (name, number, company_type) in enumerate(fixtures):
+        for j, (name, number, company_type, status) in enumerate(fixtures):
             rows.append(
                 TruthTenant(
                     index=tenants + j,
@@ -358,11 +358,12 @@ def generate_ledger(
                     org_number=number,
                     name=name,
                     company_type=company_type,
-                    seed=seed * 7_919 + tenants + j,
+                    # the copy keeps the books of the client whose number it shares (a test copy)
+                    seed=seed * 7_919 + tenants + (j - 1 if name.endswith("Kopi AS") else j),
                     first_month=first_month,
                     last_month=last_month,
                     accounts=chart,
-                    expected_status="rejected",
+                    expected_status=status,
                 )
             )
     return TruthLedger(rows, first_month, last_month)

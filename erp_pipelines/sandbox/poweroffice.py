@@ -54,6 +54,7 @@ from erp_pipelines.sandbox.common import (
     RateLimitPolicy,
     SandboxHarness,
     header_value,
+    ids_in_ledger_order,
     json_bytes,
     json_response,
 )
@@ -255,8 +256,8 @@ def derived_uuid(*parts: Any) -> str:
     return str(uuid.UUID(bytes=digest[:16], version=4))
 
 
-def make_client_key(seed: int) -> str:
-    return derived_uuid("poweroffice-client-key", seed)
+def make_client_key(seed: int, attempt: int = 0) -> str:
+    return derived_uuid("poweroffice-client-key", seed, *([attempt] if attempt else []))
 
 
 def scope_of_key(client_key: str) -> str:
@@ -451,8 +452,9 @@ class PowerOfficeSandbox(Simulator):
         self._tokens: dict[str, AccessToken] = {}
         self._paging_mutations: list[PagingMutation] = []
         self._inserted: dict[int, dict[str, Any]] = {}  # id(mutation) -> the row it inserts
+        keys = ids_in_ledger_order(ledger.tenants, lambda t, attempt: make_client_key(t.seed, attempt), scope_of_key)
         for tenant in ledger.tenants:
-            self._register(tenant)
+            self._register(tenant, keys[tenant.erp_client_id])
         profile = PowerOfficeProfile(name=self.erp, api_prefix=API_PREFIX, error_body=self._error_body,
                                      credential_key=self._credential_key, tenant_of=self._tenant_of)
         self.harness = SandboxHarness(
@@ -468,8 +470,8 @@ class PowerOfficeSandbox(Simulator):
         for routes in (self.app.routes, self.harness.routes):
             routes.insert(0, token_route)
 
-    def _register(self, tenant: TruthTenant) -> ClientState:
-        state = ClientState(tenant, make_client_key(tenant.seed))
+    def _register(self, tenant: TruthTenant, client_key: str | None = None) -> ClientState:
+        state = ClientState(tenant, client_key or make_client_key(tenant.seed))
         self._clients[tenant.erp_client_id] = state
         self._by_key[state.client_key] = state
         return state

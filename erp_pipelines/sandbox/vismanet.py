@@ -52,6 +52,7 @@ from erp_pipelines.sandbox.common import (
     RateLimitPolicy,
     SandboxHarness,
     header_value,
+    ids_in_ledger_order,
     json_bytes,
     json_response,
 )
@@ -157,7 +158,9 @@ class VismaNetSandbox(Simulator):
         self.clock: Callable[[], float] = time.monotonic  # token expiry; replace in tests
         self.tokens_minted = 0
         self._lock = threading.RLock()
-        self._companies = {c.tenant_id: c for c in map(self._company, ledger.tenants)}
+        tenant_ids = ids_in_ledger_order(ledger.tenants, lambda t, attempt: derived_uuid("company", t.seed, *([attempt] if attempt else [])))
+        companies = [Company(t, tenant_ids[t.erp_client_id], derived_uuid("customer", t.seed)) for t in ledger.tenants]
+        self._companies = {c.tenant_id: c for c in companies}
         self._tokens: dict[str, AccessToken] = {}
         self._mutations: list[PagingMutation] = []
         self._balances: dict[tuple[str, dt.date], dict] = {}
@@ -169,10 +172,6 @@ class VismaNetSandbox(Simulator):
         self.app = self.harness.build_app(self._api_routes(), exception_handlers={
             ApiError: self._api_error, HTTPException: self._http_error})
         self.app.routes.insert(0, Route(TOKEN_PATH, self.token, methods=["POST"]))  # Visma Connect's own host
-
-    @staticmethod
-    def _company(tenant: TruthTenant) -> Company:
-        return Company(tenant, derived_uuid("company", tenant.seed), derived_uuid("customer", tenant.seed))
 
     # ------------------------------------------------------------------ simulator hooks
 

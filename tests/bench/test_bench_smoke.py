@@ -43,15 +43,16 @@ def test_benchmark_code_path_yields_every_figure_and_identical_peer_results(tmp_
     for key in ("tenants_per_s", "rows_per_s", "utilisation", "balance_calls_per_tenant_month",
                 "calls_per_tenant_month"):
         assert throughput[key] > 0, key
-    assert throughput["tenants"] == 5 and throughput["balance_calls_per_tenant_month"] == 1.0
+    active = TINY.tenants + 1  # the ledger's tenants and the holder of the number two fixtures share
+    assert throughput["tenants"] == active and throughput["balance_calls_per_tenant_month"] == 1.0
     assert figures["full_sync"]["balance_calls_per_tenant_month"] == 1.0
     for storage in ("sqlite", "in_memory"):
-        assert figures["dagster"][storage]["materializations"] == 2 * 5
+        assert figures["dagster"][storage]["materializations"] == 2 * active
         assert figures["dagster"][storage]["seconds"] > 0
     for name in ("ours_vs_naive", "ours_vs_dlt", "ours_vs_dlt_parallelized"):
         assert figures["peers"][name] > 0
     assert figures["duckdb"]["insert_rows_per_s"] > 0 and figures["duckdb"]["replace_duckdb_rows_per_s"] > 0
-    assert figures["rss"]["tenants"] == 5 and figures["rss"]["peak_rss_mb"] > 0
+    assert figures["rss"]["tenants"] == figures["rss"]["active"] >= 5 and figures["rss"]["peak_rss_mb"] > 0
     for row in figures["pool"]["rows"]:  # both pools answered every request
         assert row["httpx_cpu_us"] > 0 and row["sharded_cpu_us"] > 0 and row["sharded_per_s"] > 0
 

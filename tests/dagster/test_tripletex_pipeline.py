@@ -34,18 +34,20 @@ def partition_status(t, key):
 def test_clients_register_partitions_and_reject_invalid_numbers(tripletex):
     result = materialize_clients(tripletex)
     assert result.success
-    valid = [tn.org_number for tn in tripletex.ledger.valid_tenants]
+    valid = [tn.org_number for tn in tripletex.ledger.valid_tenants]  # and the shared number's holder
     assert tripletex.instance.get_dynamic_partitions("tripletex_tenants") == valid
     rejected = dict(
         tripletex.warehouse.query("SELECT name, status_reason FROM clients WHERE status = 'rejected' ORDER BY name")
     )
-    assert set(rejected) == {"Uten Orgnr Testklient", "Feil Kontrollsiffer AS", "Dobbel Registrert AS",
-                             "Dobbel Registrert Kopi AS"}
+    assert set(rejected) == {"Uten Orgnr Testklient", "Feil Kontrollsiffer AS", "Dobbel Registrert Kopi AS"}
     assert rejected["Uten Orgnr Testklient"] == "has no organisation number; it cannot be activated"
     assert "fails the mod-11 check digit" in rejected["Feil Kontrollsiffer AS"]
-    assert "is shared with client(s)" in rejected["Dobbel Registrert AS"]
+    holder = next(t for t in tripletex.ledger.tenants if t.name == "Dobbel Registrert AS")
+    assert rejected["Dobbel Registrert Kopi AS"].startswith(
+        f"organisation number {holder.org_number} is held by tripletex client {holder.erp_client_id} "
+        "(Dobbel Registrert AS): both appeared in the same first listing")
     metadata = result.asset_materializations_for_node("tripletex__clients")[0].metadata
-    assert metadata["tenants_active"].value == 6 and metadata["tenants_rejected"].value == 4
+    assert metadata["tenants_active"].value == 7 and metadata["tenants_rejected"].value == 3
 
 
 def test_balances_equal_the_truth_ledger_to_the_ore_and_rerun_is_idempotent(tripletex):
@@ -60,7 +62,7 @@ def test_balances_equal_the_truth_ledger_to_the_ore_and_rerun_is_idempotent(trip
     snapshot = tripletex.warehouse.query(
         "SELECT org_number, period, account_number, opening, movement, closing FROM balances ORDER BY ALL")
     accounts = tripletex.warehouse.query("SELECT count(*) FROM accounts")
-    assert accounts == [(6 * len(CHART),)]
+    assert accounts == [(7 * len(CHART),)]
 
     assert materialize_tenants(tripletex, keys[0], keys[-1]).success
     assert tripletex.warehouse.query(
@@ -109,7 +111,7 @@ def test_missing_api_tilgang_fails_only_that_tenant_with_the_fix(tripletex):
     assert landed_balances(tripletex.warehouse, blocked.org_number) == truth_balances(blocked)
     assert partition_status(tripletex, BALANCES) == (set(keys), set())
     assert tripletex.warehouse.query("SELECT status FROM clients WHERE org_number = ?",
-                                     [blocked.org_number]) == [("ok",)]
+                                     [blocked.org_number]) == [("active",)]
 
 
 def test_year_end_backfill_replaces_only_its_window(tripletex):
@@ -182,7 +184,7 @@ def test_sensor_requests_first_full_sync_for_registered_but_never_synced_tenants
     keys = tripletex.instance.get_dynamic_partitions("tripletex_tenants")
     first = run_sensor(tripletex)
     ranges = [(r.tags[RANGE_START], r.tags[RANGE_END]) for r in first.run_requests]
-    assert ranges == [(keys[0], keys[2]), (keys[3], keys[5])]  # ERP_TENANTS_PER_RUN=3
+    assert ranges == [(keys[0], keys[2]), (keys[3], keys[5]), (keys[6], keys[6])]  # ERP_TENANTS_PER_RUN=3
     # the same state gives the same run keys, so the daemon never launches them twice
     assert [r.run_key for r in run_sensor(tripletex).run_requests] == [r.run_key for r in first.run_requests]
     for request in first.run_requests:
@@ -205,8 +207,8 @@ def test_daily_schedule_covers_active_tenants_in_few_chunked_runs(tripletex):
                                        scheduled_execution_time=dt.datetime(2026, 11, 21, 6, tzinfo=ZoneInfo("Europe/Oslo")))
     requests = schedule.evaluate_tick(context).run_requests
     ranges = [(r.tags[RANGE_START], r.tags[RANGE_END]) for r in requests]
-    # ERP_TENANTS_PER_RUN=3: tenants 0-2, then 3 (4 is revoked), then 5
-    assert ranges == [(keys[0], keys[2]), (keys[3], keys[3]), (keys[5], keys[5])]
+    # ERP_TENANTS_PER_RUN=3: tenants 0-2, then 3 (4 is revoked), then 5 and the shared number's holder
+    assert ranges == [(keys[0], keys[2]), (keys[3], keys[3]), (keys[5], keys[6])]
     for request in requests:
         run = tripletex.job.execute_in_process(
             instance=tripletex.instance, asset_selection=list(request.asset_selection), tags=request.tags)
@@ -223,4 +225,6 @@ def test_revoked_tenant_partition_fails_with_a_clear_reason(tripletex):
     result = materialize_tenants(tripletex, tenant.org_number, tenant.org_number)
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure)
-    assert f"tenant {tenant.org_number} is not an active tripletex client" in str(failure.step_failure_data.user_failure_data.description)
+    message = str(failure.step_failure_data.user_failure_data.description)
+    assert f"{tenant.name} (orgnr {tenant.org_number}, tripletex client {tenant.erp_client_id}) is revoked" in message
+    assert "Fix: the client must grant the integration access again" in message

@@ -79,4 +79,4 @@ def test_a_client_the_erp_cannot_describe_for_a_moment_keeps_its_registry_entry(
     _, change = run(env, lambda connector: refresh_clients(connector, warehouse))
     assert flaky.org_number not in change.active and change.revoked == []
     status = warehouse.query("SELECT status FROM clients WHERE org_number = ?", [flaky.org_number])
-    assert status == [("ok",)]
+    assert status == [("active",)]

@@ -24,8 +24,8 @@ import httpx
 
 from erp_pipelines.erps.kit.client import ApiClient, RetryPolicy
 from erp_pipelines.erps.kit.throttle import RateLimit, Throttle
-from erp_pipelines.errors import BadResponse, register_secret
-from erp_pipelines.model import Account, Balance, Client
+from erp_pipelines.errors import BadResponse, TenantMismatch, register_secret
+from erp_pipelines.model import Account, Balance, Client, normalise_tenant_id
 from erp_pipelines.tokens import TokenStore, credential_key
 
 
@@ -125,6 +125,20 @@ class Connector(abc.ABC):
 
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
+
+
+def require_same_company(client: Client, name: str, reported: str, *, source: str, erp: str, fix: str) -> None:
+    """The tenant guard's comparison: the organisation number the ERP states (`reported`, normalised
+    when valid) must be the partition's; otherwise `TenantMismatch` and nothing is stored."""
+    try:
+        reported = normalise_tenant_id(reported)
+    except ValueError:
+        pass
+    if reported != client.org_number:
+        raise TenantMismatch(
+            f"{source} answered for {name} (orgnr {reported or 'none'}) instead of this tenant; nothing was stored",
+            erp=erp, tenant=client.label, fix=fix,
+        )
 
 
 def require_fields(row: Any, keys: tuple[str, ...], *, where: str, erp: str, tenant: str | None) -> None:

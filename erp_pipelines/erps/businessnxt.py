@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from erp_pipelines.erps.base import Connector, Setting, require_fields
+from erp_pipelines.erps.base import Connector, Setting, require_fields, require_same_company
 from erp_pipelines.erps.kit import (
     ClientCredentials,
     Cursor,
@@ -61,7 +61,6 @@ from erp_pipelines.errors import (
     ClientAccessError,
     ErpError,
     RateLimited,
-    TenantMismatch,
     UpstreamError,
 )
 from erp_pipelines.model import (
@@ -71,7 +70,6 @@ from erp_pipelines.model import (
     add_months,
     kroner,
     months_between,
-    normalise_tenant_id,
 )
 from erp_pipelines.tokens import credential_key
 
@@ -304,17 +302,9 @@ class BusinessNxtConnector(Connector):
 
     async def verify_tenant(self, client: Client) -> None:
         name, reported = await self._identity(client.erp_client_id, client.label)
-        try:
-            reported = normalise_tenant_id(reported)
-        except ValueError:
-            pass
-        if reported != client.org_number:
-            raise TenantMismatch(
-                f"Business NXT answered for {name} (orgnr {reported or 'none'}) instead of this tenant; nothing was stored",
-                erp=ERP, tenant=client.label,
-                fix="check the company's organisation number in Business NXT (company information) and that "
-                "company id belongs to this company",
-            )
+        require_same_company(client, name, reported, source="Business NXT", erp=ERP,
+                             fix="check the company's organisation number in Business NXT (company information) "
+                             "and that company id belongs to this company")
 
 
 # ---------------------------------------------------------------------------------------- helpers

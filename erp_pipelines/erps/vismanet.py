@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from erp_pipelines.erps.base import Connector, Setting, require_fields
+from erp_pipelines.erps.base import Connector, Setting, require_fields, require_same_company
 from erp_pipelines.erps.kit import (
     ClientCredentials,
     Page,
@@ -43,10 +43,9 @@ from erp_pipelines.errors import (
     ConfigError,
     ErpError,
     RateLimited,
-    TenantMismatch,
     UpstreamError,
 )
-from erp_pipelines.model import Account, Balance, Client, kroner, normalise_tenant_id
+from erp_pipelines.model import Account, Balance, Client, kroner
 from erp_pipelines.tokens import credential_key
 
 log = logging.getLogger(__name__)
@@ -232,17 +231,9 @@ class VismaNetConnector(Connector):
 
     async def verify_tenant(self, client: Client) -> None:
         name, reported = await self._identity(client.erp_client_id, client.label)
-        try:
-            reported = normalise_tenant_id(reported)
-        except ValueError:
-            pass
-        if reported != client.org_number:
-            raise TenantMismatch(
-                f"Visma.net answered for {name} (orgnr {reported or 'none'}) instead of this tenant; nothing was stored",
-                erp=self.erp, tenant=client.label,
-                fix="check the company's organisation number (Corporate ID) in Visma.net and that its tenant id "
-                "in VISMANET_TENANT_IDS belongs to this company",
-            )
+        require_same_company(client, name, reported, source="Visma.net", erp=self.erp,
+                             fix="check the company's organisation number (Corporate ID) in Visma.net and that its "
+                             "tenant id in VISMANET_TENANT_IDS belongs to this company")
 
 
 # ---------------------------------------------------------------------------------------- paging

@@ -4,6 +4,7 @@ and one `<erp>_full_sync` asset job per ERP (all history for the selected tenant
 done by the plain functions in `erp_pipelines.clients`, the same ones the command line calls.
 """
 
+import contextlib
 import os
 from collections.abc import Mapping
 
@@ -157,13 +158,15 @@ def run_full_sync(erp: str, org_number: str, *, environ: Mapping[str, str] | Non
         )
     client = clients.require_loadable(Warehouse(config.warehouse_path), erp, org_number)
     defs = build_definitions(env)
-    if instance is None:
-        instance = dg.DagsterInstance.get() if env.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
-    partitions = f"{erp}_tenants"
-    if not instance.has_dynamic_partition(partitions, client.org_number):
-        instance.add_dynamic_partitions(partitions, [client.org_number])
-    job = defs.resolve_job_def(full_sync_job_name(erp))
-    return job.execute_in_process(
-        instance=instance, partition_key=client.org_number, raise_on_error=False,
-        tags={LAUNCHED_BY: actor or clients.actor_name(), "erp/command": "sync"},
-    )
+    with contextlib.ExitStack() as stack:
+        if instance is None:  # ours: entered, so Dagster resolves the job against this instance's state
+            own = dg.DagsterInstance.get() if env.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+            instance = stack.enter_context(own)
+        partitions = f"{erp}_tenants"
+        if not instance.has_dynamic_partition(partitions, client.org_number):
+            instance.add_dynamic_partitions(partitions, [client.org_number])
+        job = defs.resolve_job_def(full_sync_job_name(erp))
+        return job.execute_in_process(
+            instance=instance, partition_key=client.org_number, raise_on_error=False,
+            tags={LAUNCHED_BY: actor or clients.actor_name(), "erp/command": "sync"},
+        )

@@ -8,7 +8,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PYTHON)
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install test demo dev bench chaos lint clean
+.PHONY: install system-deps test demo dev bench chaos lint clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -20,14 +20,18 @@ $(VENV)/.synced: uv.lock pyproject.toml | $(UV)
 
 install: $(VENV)/.synced
 
-test: install
+system-deps:  # Debian packages the tests need (chromium for tests/browser/); installed when missing
+	scripts/system-deps.sh
+
+test: install system-deps
 	$(RUN) -m pytest -q
 
 demo: install
 	$(RUN) -m erp_pipelines.demo run
 
+# make dev DEV_ARGS='--ui-port 3001 --sandbox-port 9711' when the default ports are taken
 dev: install
-	$(RUN) -m erp_pipelines.demo dev
+	$(RUN) -m erp_pipelines.demo dev $(DEV_ARGS)
 
 bench: install
 	$(RUN) -m bench.run

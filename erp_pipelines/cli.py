@@ -19,10 +19,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     consent.add_argument("erp")
     consent.add_argument("--no-browser", action="store_true", help="only print the URL")
+    doctor = commands.add_parser(
+        "doctor", help="check every credential: does it authenticate, which clients lack access, and the fix",
+        description="For every configured ERP: whether its credential authenticates, the clients it reaches "
+        "and, for each client that needs a fix, what the customer must tick or create (Norwegian, with an "
+        "English line). Exit codes: 0 all good; 1 some client needs a fix; 2 a credential is refused or a "
+        "variable is missing.",
+    )
+    doctor.add_argument("erp", nargs="?", help="only this ERP")
+    doctor.add_argument("--json", action="store_true", help="print one JSON document (and nothing else)")
     add_clients_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "clients":
         return clients_main(args)
+    if args.command == "doctor":
+        from erp_pipelines.doctor import doctor_main
+
+        return doctor_main(args.erp, as_json=args.json)
     if args.command == "consent":
         from erp_pipelines.consent import consent_main
 
@@ -96,6 +109,7 @@ def clients_main(args: argparse.Namespace) -> int:
         elif args.action == "purge":
             print(clients.purge(warehouse, erp, args.org_number, confirm=args.yes).describe())
         elif args.action == "sync":
+            from erp_pipelines.defs.assets import tenant_failure_messages
             from erp_pipelines.defs.clients import run_full_sync
 
             result = run_full_sync(erp, args.org_number)
@@ -103,6 +117,9 @@ def clients_main(args: argparse.Namespace) -> int:
                 errors = [e.step_failure_data.error for e in result.get_step_failure_events()]
                 detail = "; ".join(error.message.strip() for error in errors if error)
                 return fail(f"Dagster run {result.run_id} failed: {detail}", 1)
+            refused = tenant_failure_messages(result.all_events)  # a business failure: the run succeeded
+            if refused:
+                return fail(f"Dagster run {result.run_id}: {'; '.join(dict.fromkeys(refused))}", 1)
             print(f"{erp} {args.org_number}: full sync done (Dagster run {result.run_id})")
     except ConfigError as exc:
         return fail(str(exc), 2)

@@ -10,6 +10,7 @@ runs. Every change is written in one transaction and recorded in the `client_aud
 
 from __future__ import annotations
 
+import calendar
 import dataclasses
 import datetime as dt
 import getpass
@@ -94,6 +95,8 @@ def format_client_list(rows: list[dict[str, Any]]) -> str:
         out.append("  ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
         if row["status_reason"]:
             out.append(f"    reason: {row['status_reason']}")
+        if row.get("fiscal_year_start_month") not in (None, 1):  # calendar years go without saying
+            out.append(f"    fiscal year starts in {calendar.month_name[row['fiscal_year_start_month']]}")
         if row["last_error"]:
             out.append(f"    last error ({_when(row['last_error_at'])}): {row['last_error']}")
     return "\n".join(out)

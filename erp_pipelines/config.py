@@ -9,6 +9,8 @@
   until `erp-pipelines clients activate`.
 - `ERP_TENANTS_PER_RUN`: tenants per run of the daily schedule and the client-access sensor
   (default 500). A backfill or a CLI `--partition-range` is one run for the whole range.
+- `ERP_ASSET_OWNERS`: comma list of the assets' owners in the Dagster UI, each an e-mail address or
+  `team:<name>` (default `team:data-engineering`).
 - `ERP_TOKEN_STORE_PATH`: the encrypted token store (default `tokens.enc` next to the warehouse);
   `ERP_TOKEN_STORE_KEY`: its key (default: a generated key file, mode 0600). See `tokens.py`.
 
@@ -30,12 +32,14 @@ from erp_pipelines.registry import ERPS, ErpSpec
 
 DEFAULT_WAREHOUSE = "data/warehouse.duckdb"
 DEFAULT_TENANTS_PER_RUN = 500
+DEFAULT_OWNERS = ("team:data-engineering",)
 
 
 @dataclasses.dataclass(frozen=True)
 class ErpConfig:
     spec: ErpSpec
     history_start: dt.date
+    owners: tuple[str, ...] = DEFAULT_OWNERS
 
     @property
     def name(self) -> str:
@@ -53,7 +57,8 @@ class ProjectConfig:
 def load_config(environ: Mapping[str, str] | None = None) -> ProjectConfig:
     env = os.environ if environ is None else environ
     names = _enabled_names(env)
-    erps = tuple(_erp_config(ERPS[name], env) for name in names)
+    owners = asset_owners(env)
+    erps = tuple(dataclasses.replace(_erp_config(ERPS[name], env), owners=owners) for name in names)
     per_run = env.get("ERP_TENANTS_PER_RUN", str(DEFAULT_TENANTS_PER_RUN))
     if not per_run.isdigit() or int(per_run) < 1:
         raise ConfigError("ERP_TENANTS_PER_RUN must be a positive whole number", fix="e.g. ERP_TENANTS_PER_RUN=500")
@@ -65,6 +70,17 @@ def load_config(environ: Mapping[str, str] | None = None) -> ProjectConfig:
         raise ConfigError(str(exc), fix=f"set {AUTO_ACTIVATE_VARIABLE}=true or false") from None
     warehouse = warehouse_path(env)
     return ProjectConfig(warehouse, erps, int(per_run), str(tokens.default_store_path(warehouse, env)))
+
+
+def asset_owners(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """`ERP_ASSET_OWNERS`: e-mail addresses or `team:<name>`, as Dagster requires."""
+    raw = environ.get("ERP_ASSET_OWNERS", "").strip()
+    owners = tuple(o.strip() for o in raw.split(",") if o.strip()) if raw else DEFAULT_OWNERS
+    wrong = [o for o in owners if not (o.startswith("team:") and len(o) > 5) and "@" not in o]
+    if wrong:
+        raise ConfigError(f"ERP_ASSET_OWNERS has {', '.join(wrong)}, neither an e-mail address nor team:<name>",
+                          fix="e.g. ERP_ASSET_OWNERS=team:data-engineering,kari@example.no")
+    return owners
 
 
 def warehouse_path(environ: Mapping[str, str]) -> str:
@@ -110,14 +126,27 @@ def _erp_config(spec: ErpSpec, env: Mapping[str, str]) -> ErpConfig:
 
 
 def _check_url(setting, value: str) -> None:
-    """An http(s) URL with a host, no whitespace, and the ERP's expected path where it has one."""
-    parsed = urlparse(value)
-    example = setting.default or "https://host/path"
-    if any(c.isspace() for c in value) or parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ConfigError(f"{setting.env} is not an http(s) URL with a host", fix=f"set {setting.env} to e.g. {example}")
+    """An http(s) URL with a host, no whitespace, and the ERP's expected path where it has one
+    (`Setting.url_path`). The error names the variable, what is wrong with the value and the fix."""
+    example = setting.default or f"https://host{setting.url_path or '/'}"
+    fix = f"set {setting.env} to the full URL, e.g. {example}"
+    if any(c.isspace() for c in value):
+        raise ConfigError(f"{setting.env} contains whitespace", fix=f"remove the spaces: {fix}")
+    try:
+        parsed = urlparse(value)
+        parsed.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ConfigError(f"{setting.env} is not an http(s) URL: it does not parse", fix=fix) from None
+    if parsed.scheme not in ("http", "https"):
+        problem = f"its scheme is {parsed.scheme}, not http or https" if parsed.netloc else "it does not start with https://"
+        raise ConfigError(f"{setting.env} is not an http(s) URL: {problem}", fix=fix)
+    if not parsed.hostname:
+        raise ConfigError(f"{setting.env} is not an http(s) URL with a host: it names no host", fix=fix)
     if setting.url_path and not parsed.path.rstrip("/").endswith(setting.url_path):
+        path = f"its path is {parsed.path.rstrip('/')}" if parsed.path.rstrip("/") else "it has no path"
         raise ConfigError(
-            f"{setting.env} must end in {setting.url_path}", fix=f"set {setting.env} to e.g. {example}"
+            f"{setting.env} must end in {setting.url_path} (the API's path), but {path}",
+            fix=f"append {setting.url_path}: {fix}",
         )
 
 
@@ -139,6 +168,9 @@ ERP_WAREHOUSE_PATH=data/warehouse.duckdb
 # Tenants per run of the daily schedule and the client-access sensor (a backfill or a CLI
 # --partition-range is one run for the whole range).
 # ERP_TENANTS_PER_RUN={per_run}
+
+# Owners of the assets in the Dagster UI: e-mail addresses or team:<name>, comma separated.
+# ERP_ASSET_OWNERS=team:data-engineering
 
 # Encrypted store of tokens the ERPs hand out (session tokens, OAuth access and refresh tokens).
 # Default: tokens.enc next to the warehouse, with a generated key file tokens.key (mode 0600).

@@ -3,7 +3,9 @@
 - `python -m erp_pipelines.demo run`: starts the sandbox ERPs on localhost, materialises every
   source's clients, accounts and balances into DuckDB through Dagster, runs the integrity checks
   and prints a summary.
-- `python -m erp_pipelines.demo dev`: starts the sandbox ERPs and `dagster dev` pointed at them.
+- `python -m erp_pipelines.demo dev`: starts the sandbox ERPs and `dg dev` pointed at them; SIGINT
+  or SIGTERM stops all of it, however it was started (also as a background job, where SIGINT is
+  ignored by default).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +28,8 @@ DEMO_DIR = ROOT / "data" / "demo"
 DEMO_TENANTS = 12
 DEMO_SEED = 2026  # each ERP's simulator gets its own ledger (seed + its place in the registry)
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}  # the summary tells the story
+INSTANCE_CONFIG = Path(__file__).with_name("dagster_instance.yaml")  # becomes $DAGSTER_HOME/dagster.yaml
+DEV_SHUTDOWN_SECONDS = 90  # for `dg dev` to stop its webserver, daemon and code servers before they are killed
 OFFICIAL_SAFT_EXAMPLE = ROOT / "tests" / "erps" / "saft_examples" / "ExampleFile SAF-T Financial_888888888_20180228235959.xml"
 
 
@@ -78,7 +84,7 @@ def _shared_identity_servers(served: list, stack: contextlib.ExitStack, port: in
 def dagster_home() -> Path:
     home = Path(os.environ.get("DAGSTER_HOME") or ROOT / ".dagster_home")
     home.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(INSTANCE_CONFIG, home / "dagster.yaml")
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 
@@ -115,7 +121,13 @@ def run_demo() -> int:
                     raise_on_error=False,
                 )
                 if not result.success:
-                    print(f"   {erp}: some tenants failed (listed below); the others landed")
+                    print(f"   {erp}: some tenants failed or a blocking check failed (listed below); the others landed")
+            print("\n== reporting: the dbt models over every ERP")
+            reporting_keys = dg.AssetSelection.groups("reporting").resolve(defs.resolve_asset_graph())
+            reporting = job.execute_in_process(instance=instance, asset_selection=list(reporting_keys),
+                                               run_config=QUIET, raise_on_error=False)
+            if not reporting.success:
+                print("   reporting: a dbt test failed (see the summary)")
             print_summary(Warehouse(env["ERP_WAREHOUSE_PATH"]), instance, home)
     return 0
 
@@ -152,6 +164,13 @@ def print_summary(warehouse, instance, home: Path) -> None:
             if count:
                 tenants = sorted({str(row[0]) for row in sample})
                 print(f"    {name}: tenant(s) {', '.join(tenants)} (see quality.py; nothing is hidden)")
+    print("\nReporting models (schema reporting, dbt):")
+    for name in ("trial_balance", "income_statement", "balance_sheet", "tenant_status"):
+        try:
+            (rows,), = warehouse.query(f"SELECT count(*) FROM reporting.{name}")
+            print(f"  reporting.{name:<17} {rows:>6} rows")
+        except Exception as exc:  # noqa: BLE001 - the summary says what is missing and goes on
+            print(f"  reporting.{name:<17} not built ({type(exc).__name__})")
     issues = warehouse.query("SELECT erp, org_number, count(*) FROM reconciliation GROUP BY ALL ORDER BY 1, 2")
     if issues:
         print("\nReconciliation findings (SAF-T totals vs transactions):")
@@ -166,24 +185,59 @@ def print_summary(warehouse, instance, home: Path) -> None:
 
 
 def run_dev(port: int, ui_port: int) -> int:
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        # a handler, not SIG_IGN (what a background job inherits for SIGINT): `dg dev` then starts
+        # with the default handlers, and a stop request reaches everything
+        signal.signal(signum, lambda *_: stop.set())
     home = dagster_home()
     with sandbox_environment(port=port) as env:
-        urls = ", ".join(f"{name}={value}" for name, value in env.items() if name.endswith("_BASE_URL"))
-        print(f"Sandbox ERPs running ({urls}); DAGSTER_HOME={home}")
-        command = [sys.executable, "-m", "dagster", "dev", "-m", "erp_pipelines.definitions", "-p", str(ui_port)]
-        process = subprocess.Popen(command, env={**os.environ, **env}, cwd=ROOT)
-        signal.signal(signal.SIGTERM, lambda *_: process.terminate())
-        try:
-            return process.wait()
-        except KeyboardInterrupt:
+        if stop.is_set():
             return 0
-        finally:  # never leave dagster dev (and its daemon and webserver) running without the sandbox
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+        urls = ", ".join(f"{name}={value}" for name, value in env.items() if name.endswith("_BASE_URL"))
+        print(f"Sandbox ERPs running ({urls}); DAGSTER_HOME={home}", flush=True)
+        command = [sys.executable, "-m", "dagster_dg_cli.cli", "dev", "-m", "erp_pipelines.definitions",
+                   "-p", str(ui_port)]
+        # its own process group: whatever `dg dev` starts (webserver, daemon, code servers, runs) is
+        # stopped as one group, and only through _stop_dev
+        process = subprocess.Popen(command, env={**os.environ, **env}, cwd=ROOT, process_group=0)
+        try:
+            while not stop.wait(0.5):
+                if process.poll() is not None:
+                    return process.returncode
+            return 0
+        finally:  # never leave dg dev (and its daemon and webserver) running without the sandbox
+            _stop_dev(process)
+
+
+def _stop_dev(process: subprocess.Popen) -> None:
+    """SIGINT lets `dg dev` shut down its webserver, daemon and code servers; whatever is left of
+    its process group after that is terminated, then killed."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(DEV_SHUTDOWN_SECONDS)
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, signum)
+        except ProcessLookupError:
+            break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(10)
+        if not _group_alive(process.pid, seconds=10):
+            break
+    process.wait()
+
+
+def _group_alive(pgid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

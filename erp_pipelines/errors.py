@@ -35,6 +35,10 @@ def redact(text: str) -> str:
     return text
 
 
+RETRY_RUN = "run it again later"  # a failure outside any tenant (the client list)
+RETRY_PARTITION = "retry the partition later"  # the same failure on a tenant's path
+
+
 class ErpError(Exception):
     """Base class. `tenant` is a short label such as 'Fjordkraft Regnskap AS (orgnr 912345679)'."""
 
@@ -66,6 +70,8 @@ class ErpError(Exception):
         clone = self.__class__.__new__(self.__class__)
         clone.__dict__.update(self.__dict__)
         clone.tenant = tenant
+        if clone.fix and clone.fix.endswith(RETRY_RUN):  # e.g. a tenant's token request: its partition is what to retry
+            clone.fix = clone.fix.removesuffix(RETRY_RUN) + RETRY_PARTITION
         Exception.__init__(clone, clone._compose())
         return clone
 

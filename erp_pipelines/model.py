@@ -15,6 +15,8 @@ from decimal import Decimal
 
 from stdnum.no import fodselsnummer, orgnr
 
+from erp_pipelines.accounts import ACCOUNT_CLASSES, AccountClass, classify_account
+
 CENT = Decimal("0.01")
 
 
@@ -74,10 +76,27 @@ ENABLED_STATUSES = (ClientStatus.ACTIVE, ClientStatus.NO_API_ACCESS)
 
 @dataclass(frozen=True)
 class Account:
+    """One account of a tenant's chart. Canonical columns (`erp_pipelines/accounts.py`):
+    `account_class` (asset, liability, equity, income, expense), classified from the number when the
+    connector gives none; `standard_account` a 4-digit SAF-T standard account only; the SAF-T grouping
+    in `grouping_category`/`grouping_code`. `account_type` is the ERP's own type, unchanged."""
+
     account_number: str
     name: str
     account_type: str | None = None
     standard_account: str | None = None
+    grouping_category: str | None = None
+    grouping_code: str | None = None
+    account_class: AccountClass | None = None
+
+    def __post_init__(self) -> None:
+        if self.account_class is None:
+            found = classify_account(self.account_number, self.account_type, self.standard_account,
+                                     self.grouping_code)
+            object.__setattr__(self, "account_class", found)
+        elif self.account_class not in ACCOUNT_CLASSES:
+            raise ValueError(f"account {self.account_number}: account_class {self.account_class!r} is not one of "
+                             f"{', '.join(ACCOUNT_CLASSES)}")
 
 
 @dataclass(frozen=True)
@@ -102,6 +121,7 @@ class TenantExtract:
     accounts: list[Account] = field(default_factory=list)
     balances: list[Balance] = field(default_factory=list)
     findings: list[dict] | None = None  # reconciliation rows, for sources that report totals
+    fiscal_year_start_month: int | None = None  # 1-12, when the ERP tells (read with the balances)
     error: Exception | None = None
 
     @property

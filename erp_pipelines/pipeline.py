@@ -90,7 +90,19 @@ async def refresh_clients(connector: Connector, warehouse: Warehouse) -> tuple[l
     who the user deactivated) and store them. Returns the listing with its final statuses."""
     listed = apply_number_rules(await connector.list_clients())
     change = warehouse.record_clients(connector.erp, listed, unresolved=connector.unresolved_client_ids)
+    change.refused_files = await asyncio.to_thread(record_refused_files, connector, warehouse)
     return change.listed, change
+
+
+def record_refused_files(connector: Connector, warehouse: Warehouse) -> list[dict] | None:
+    """File sources (SAF-T: `refused_file_report`) store the files they refused or ignored in the
+    warehouse's `refused_files`; returns those rows (None for other sources)."""
+    report = getattr(connector, "refused_file_report", None)
+    if report is None:
+        return None
+    rows, present = report()
+    warehouse.record_refused_files(connector.erp, rows, present=present)
+    return rows
 
 
 @dataclasses.dataclass
@@ -136,6 +148,7 @@ async def load_tenants(
                     asyncio.to_thread(_write, warehouse, connector.erp, pending, failed, what, months, run_id)
                 )
                 pending, failed = [], []
+        await asyncio.to_thread(record_refused_files, connector, warehouse)  # e.g. files failing the XSD
         if writing is not None:
             written, writing = writing, None
             yield await written
@@ -173,5 +186,6 @@ def _write(
         failed={
             e.client.org_number: (str(e.error), isinstance(e.error, ClientAccessError)) for e in failed
         },
+        fiscal_year_starts={e.client.org_number: e.fiscal_year_start_month for e in loaded if e.fiscal_year_start_month},
     )
     return LoadedBatch(loaded, failed, rows, seconds)

@@ -25,6 +25,7 @@ import duckdb
 import pyarrow as pa
 from filelock import FileLock
 
+from erp_pipelines.accounts import classify_account
 from erp_pipelines.model import (
     Account,
     Balance,
@@ -53,7 +54,8 @@ CREATE TABLE IF NOT EXISTS clients (
     last_extracted_at TIMESTAMP,
     last_error VARCHAR,
     last_error_at TIMESTAMP,
-    deactivated_at TIMESTAMP
+    deactivated_at TIMESTAMP,
+    fiscal_year_start_month SMALLINT
 );
 CREATE TABLE IF NOT EXISTS client_audit (
     recorded_at TIMESTAMP NOT NULL,
@@ -70,10 +72,13 @@ CREATE TABLE IF NOT EXISTS accounts (
     org_number VARCHAR NOT NULL,
     account_number VARCHAR NOT NULL,
     name VARCHAR,
-    account_type VARCHAR,
-    standard_account VARCHAR,
+    account_type VARCHAR,  -- the ERP's own type, unchanged (SAF-T: GL; others e.g. OPERATING_REVENUES, Asset)
+    standard_account VARCHAR,  -- SAF-T standard account, 4 digits (`3000`); NULL when the source gives none
     extracted_at TIMESTAMP NOT NULL,
-    run_id VARCHAR
+    run_id VARCHAR,
+    account_class VARCHAR,  -- asset|liability|equity|income|expense: NS 4102 ranges, else the ERP's type (accounts.py)
+    grouping_category VARCHAR,  -- SAF-T 1.30 GroupingCategory (`salgsinntekt`); `StandardAccountID` for a 2-digit one
+    grouping_code VARCHAR  -- SAF-T 1.30 GroupingCode (`3000`), or the 2-digit StandardAccountID (`30`)
 );
 CREATE TABLE IF NOT EXISTS balances (
     erp VARCHAR NOT NULL,
@@ -100,6 +105,19 @@ CREATE TABLE IF NOT EXISTS reconciliation (
     recorded_at TIMESTAMP NOT NULL,
     run_id VARCHAR
 );
+CREATE TABLE IF NOT EXISTS refused_files (  -- file sources (SAF-T): dropped files not imported, and why
+    erp VARCHAR NOT NULL,
+    file_name VARCHAR NOT NULL,
+    fingerprint VARCHAR NOT NULL,  -- sha256 of the content (the XML inside, for a zip); never the content
+    reason VARCHAR NOT NULL,  -- not_xml, not_saft, truncated, malformed, invalid, ..., ignored_type
+    message VARCHAR NOT NULL,
+    fix VARCHAR,
+    first_seen_at TIMESTAMP NOT NULL,
+    last_seen_at TIMESTAMP NOT NULL
+);
+"""
+# views last: they read columns that MIGRATIONS add to older files
+VIEWS = """
 CREATE OR REPLACE VIEW current_clients AS
     SELECT * FROM clients WHERE status <> 'rejected'
     QUALIFY row_number() OVER (
@@ -108,7 +126,8 @@ CREATE OR REPLACE VIEW current_clients AS
     ) = 1;
 CREATE OR REPLACE VIEW all_balances AS
     SELECT b.erp, b.org_number, c.name AS client_name, b.period, b.account_number,
-           a.name AS account_name, a.account_type, a.standard_account,
+           a.name AS account_name, a.account_type, a.account_class, a.standard_account, a.grouping_category,
+           a.grouping_code,
            b.opening, b.movement, b.closing, b.currency, b.extracted_at
     FROM balances b
     LEFT JOIN accounts a USING (erp, org_number, account_number)
@@ -116,10 +135,21 @@ CREATE OR REPLACE VIEW all_balances AS
 """
 
 # Files written before the client lifecycle: the user's deactivation column, and "ok" renamed
-# "active". Run once per process and file, under the lock; harmless when already applied.
+# "active"; before fiscal years were carried: the client's fiscal-year start; before canonical
+# account columns: account_class and the SAF-T grouping, the old `standard_account` formats (`30`,
+# `salgsinntekt:3000`) moved there (then `_classify_stored_accounts`). Run once per process and file, under the lock; harmless when already applied.
 MIGRATIONS = """
 ALTER TABLE clients ADD COLUMN IF NOT EXISTS deactivated_at TIMESTAMP;
+ALTER TABLE clients ADD COLUMN IF NOT EXISTS fiscal_year_start_month SMALLINT;
 UPDATE clients SET status = 'active' WHERE status = 'ok';
+ALTER TABLE accounts ADD COLUMN IF NOT EXISTS account_class VARCHAR;
+ALTER TABLE accounts ADD COLUMN IF NOT EXISTS grouping_category VARCHAR;
+ALTER TABLE accounts ADD COLUMN IF NOT EXISTS grouping_code VARCHAR;
+UPDATE accounts SET grouping_category = nullif(split_part(standard_account, ':', 1), ''),
+                    grouping_code = nullif(split_part(standard_account, ':', 2), ''), standard_account = NULL
+    WHERE standard_account LIKE '%:%' AND grouping_category IS NULL AND grouping_code IS NULL;
+UPDATE accounts SET grouping_category = 'StandardAccountID', grouping_code = standard_account, standard_account = NULL
+    WHERE NOT regexp_full_match(standard_account, '[0-9]{4}') AND grouping_category IS NULL AND grouping_code IS NULL;
 """
 NOT_TENANT_TABLES = ("clients", "client_audit")  # a purge deletes a tenant's rows from every other table
 
@@ -147,6 +177,9 @@ ACCOUNT_SCHEMA = pa.schema(
         ("standard_account", pa.string()),
         ("extracted_at", pa.timestamp("us")),
         ("run_id", pa.string()),
+        ("account_class", pa.string()),
+        ("grouping_category", pa.string()),
+        ("grouping_code", pa.string()),
     ]
 )
 RECONCILIATION_SCHEMA = pa.schema(
@@ -166,10 +199,33 @@ RECONCILIATION_SCHEMA = pa.schema(
 )
 CLIENT_COLUMNS = (
     "erp, org_number, erp_client_id, name, status, status_reason, first_seen_at, last_seen_at, revoked_at, "
-    "last_extracted_at, last_error, last_error_at, deactivated_at"
+    "last_extracted_at, last_error, last_error_at, deactivated_at, fiscal_year_start_month"
 )
 ENABLED = (ClientStatus.ACTIVE, ClientStatus.NO_API_ACCESS)
 HOLDER_RANK = {ClientStatus.ACTIVE: 0, ClientStatus.NO_API_ACCESS: 0, ClientStatus.INACTIVE: 1, ClientStatus.REVOKED: 2}
+
+
+def _classify_stored_accounts(con: duckdb.DuckDBPyConnection) -> None:
+    """Files written before `account_class`: classify the stored accounts in place (the number, the
+    standard account, the grouping code; the next extraction adds what the ERP's type tells)."""
+    keys = con.execute("SELECT DISTINCT account_number, standard_account, grouping_code FROM accounts "
+                       "WHERE account_class IS NULL").fetchall()
+    if not keys:
+        return
+    classes = [classify_account(number, None, standard, code) for number, standard, code in keys]
+    found = pa.Table.from_pydict({"account_number": [k[0] for k in keys], "standard_account": [k[1] for k in keys],
+                                  "grouping_code": [k[2] for k in keys], "account_class": classes},
+                                 schema=pa.schema([(name, pa.string()) for name in
+                                                   ("account_number", "standard_account", "grouping_code",
+                                                    "account_class")]))
+    con.register("stored_account_classes", found)
+    try:
+        con.execute("UPDATE accounts a SET account_class = f.account_class FROM stored_account_classes f "
+                    "WHERE a.account_class IS NULL AND a.account_number = f.account_number "
+                    "AND a.standard_account IS NOT DISTINCT FROM f.standard_account "
+                    "AND a.grouping_code IS NOT DISTINCT FROM f.grouping_code")
+    finally:
+        con.unregister("stored_account_classes")
 
 
 def utcnow() -> dt.datetime:
@@ -187,6 +243,8 @@ class ClientRegistryChange:
     rejected: list[Client]
     inactive: list[str] = dataclasses.field(default_factory=list)  # listed, deactivated by the user
     listed: list[Client] = dataclasses.field(default_factory=list)  # the listing with its final statuses
+    # file sources: `refused_files` rows of the listing (reason "ignored_type" for ignored files)
+    refused_files: list[dict[str, Any]] | None = None
 
     @property
     def registered(self) -> list[str]:
@@ -202,6 +260,10 @@ class ClientRegistryChange:
             "tenants_reactivated": len(self.reactivated),
             "tenants_revoked": len(self.revoked),
             "tenants_rejected": len(self.rejected),
+            **({} if self.refused_files is None else {
+                "files_refused": sum(r["reason"] != "ignored_type" for r in self.refused_files),
+                "files_ignored": sum(r["reason"] == "ignored_type" for r in self.refused_files),
+            }),
         }
 
 
@@ -233,10 +295,19 @@ class Warehouse:
                 if not self._schema_ready:
                     con.execute(SCHEMA)
                     con.execute(MIGRATIONS)
+                    _classify_stored_accounts(con)
+                    con.execute(VIEWS)
                     self._schema_ready = True
                 yield con
             finally:
                 con.close()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """The cross-process lock without a connection: while held, another process (dbt) may
+        open the file and write; every other writer of this warehouse waits."""
+        with self._lock:
+            yield
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[tuple[duckdb.DuckDBPyConnection, float]]:
@@ -335,10 +406,10 @@ class Warehouse:
                 final.append(replace(client, status=status, status_reason=reason))
                 if old is None:
                     rows.append((erp, client.org_number, client.erp_client_id, client.name, status, reason,
-                                 seen_at, seen_at, None, None, None, None, deactivated_at))
+                                 seen_at, seen_at, None, None, None, None, deactivated_at, None))
                 else:
                     rows.append((erp, client.org_number, client.erp_client_id, client.name, status, reason,
-                                 old[6], seen_at, None, old[9], old[10], old[11], deactivated_at))
+                                 old[6], seen_at, None, old[9], old[10], old[11], deactivated_at, old[13]))
             for client_id, old in existing.items():
                 if client_id in listed_ids:
                     continue
@@ -350,7 +421,7 @@ class Warehouse:
                     rows.append(old)
             con.execute("DELETE FROM clients WHERE erp = ?", [erp])
             if rows:
-                con.executemany(f"INSERT INTO clients ({CLIENT_COLUMNS}) VALUES ({', '.join('?' * 13)})",
+                con.executemany(f"INSERT INTO clients ({CLIENT_COLUMNS}) VALUES ({', '.join('?' * 14)})",
                                 [tuple(str(v) if isinstance(v, ClientStatus) else v for v in r) for r in rows])
         return ClientRegistryChange(
             active=[c.org_number for c in final if c.status in ENABLED],
@@ -363,11 +434,14 @@ class Warehouse:
         )
 
     def record_extraction_outcomes(
-        self, erp: str, *, succeeded: Iterable[str], failed: Mapping[str, tuple[str, bool]], at: dt.datetime | None = None
+        self, erp: str, *, succeeded: Iterable[str], failed: Mapping[str, tuple[str, bool]], at: dt.datetime | None = None,
+        fiscal_year_starts: Mapping[str, int] | None = None,
     ) -> None:
-        """After extraction: clear errors of tenants that succeeded; store the error (and, for
-        access errors, the no_api_access status) of those that failed. `failed`: org → (message, is_access_error).
-        Only the enabled client holding a number is touched (one per number, see `activate_client`)."""
+        """After extraction: clear errors of tenants that succeeded (and store the first month of
+        their fiscal year, `fiscal_year_starts`: org → 1-12, where the ERP told); store the error
+        (and, for access errors, the no_api_access status) of those that failed. `failed`: org →
+        (message, is_access_error). Only the enabled client holding a number is touched (one per
+        number, see `activate_client`)."""
         at = at or utcnow()
         succeeded = list(succeeded)
         with self._transaction() as (con, _):
@@ -379,6 +453,12 @@ class Warehouse:
                     "WHERE erp = ? AND org_number IN (SELECT unnest(?::VARCHAR[])) AND status IN ('active', 'no_api_access')",
                     [at, erp, succeeded],
                 )
+            if fiscal_year_starts:
+                con.executemany(
+                    "UPDATE clients SET fiscal_year_start_month = ? WHERE erp = ? AND org_number = ? "
+                    "AND status IN ('active', 'no_api_access')",
+                    [(month, erp, org) for org, month in fiscal_year_starts.items()],
+                )
             for org, (message, is_access_error) in failed.items():
                 con.execute(
                     "UPDATE clients SET last_error = ?, last_error_at = ?, "
@@ -387,6 +467,39 @@ class Warehouse:
                     "WHERE erp = ? AND org_number = ? AND status IN ('active', 'no_api_access')",
                     [message, at, is_access_error, is_access_error, message, erp, org],
                 )
+
+    # ------------------------------------------------------------------------------ refused files
+
+    def record_refused_files(self, erp: str, rows: Iterable[Mapping[str, Any]], *, present: Mapping[str, str],
+                             seen_at: dt.datetime | None = None) -> None:
+        """Store a file source's refused and ignored files (rows: file_name, fingerprint, reason, message,
+        fix), in one transaction. A file refused again with the same content and reason keeps its
+        first_seen_at. Earlier rows stay while their file is still present (`present`: file name →
+        fingerprint) with the same content; rows of removed or replaced files are deleted."""
+        seen_at = seen_at or utcnow()
+        rows = {row["file_name"]: row for row in rows}
+        with self._transaction() as (con, _):
+            existing = con.execute(
+                "SELECT file_name, fingerprint, reason, message, fix, first_seen_at, last_seen_at "
+                "FROM refused_files WHERE erp = ?", [erp]).fetchall()
+            first_seen = {(name, fp, reason): first for name, fp, reason, _, _, first, _ in existing}
+            kept = [old for old in existing if old[0] not in rows and present.get(old[0]) == old[1]]
+            con.execute("DELETE FROM refused_files WHERE erp = ?", [erp])
+            values = [(erp, *old) for old in kept] + [
+                (erp, name, row["fingerprint"], row["reason"], row["message"], row.get("fix"),
+                 first_seen.get((name, row["fingerprint"], row["reason"]), seen_at), seen_at)
+                for name, row in rows.items()
+            ]
+            if values:
+                con.executemany("INSERT INTO refused_files VALUES (?, ?, ?, ?, ?, ?, ?, ?)", values)
+
+    def refused_files(self, erp: str | None = None) -> list[dict[str, Any]]:
+        """The refused and ignored files (of one ERP, or all), by ERP and file name."""
+        with self.connect() as con:
+            cursor = con.execute(
+                "SELECT * FROM refused_files WHERE ? IS NULL OR erp = ? ORDER BY erp, file_name", [erp, erp])
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     # ------------------------------------------------------------------------------ client lifecycle
 
@@ -546,6 +659,9 @@ class Warehouse:
                 pa.array([a.standard_account for a in rows], pa.string()),
                 _repeat(at, pa.timestamp("us"), len(rows)),
                 _repeat(run_id, pa.string(), len(rows)),
+                pa.array([a.account_class for a in rows], pa.string()),
+                pa.array([a.grouping_category for a in rows], pa.string()),
+                pa.array([a.grouping_code for a in rows], pa.string()),
             ],
             schema=ACCOUNT_SCHEMA,
         )
@@ -622,6 +738,35 @@ class Warehouse:
             con.unregister("write_rows")
             con.unregister("write_tenants")
         return WriteResult(len(tenants), rows.num_rows, time.perf_counter() - started, waited)
+
+    # ------------------------------------------------------------------------------ metadata
+
+    def row_counts(self, table: str, erp: str, org_numbers: Iterable[str]) -> tuple[int, dict[str, int]]:
+        """Rows of `table` (accounts or balances) for the ERP, and for each of the given tenants."""
+        if table not in ("accounts", "balances"):
+            raise ValueError(f"no row counts for table {table!r}")
+        wanted = list(org_numbers)
+        with self.connect() as con:
+            total = con.execute(f"SELECT count(*) FROM {table} WHERE erp = ?", [erp]).fetchone()[0]
+            per_tenant = dict(con.execute(
+                f"SELECT org_number, count(*) FROM {table} WHERE erp = ? AND list_contains(?, org_number) "
+                "GROUP BY org_number", [erp, wanted]).fetchall()) if wanted else {}
+        return total, {org: per_tenant.get(org, 0) for org in wanted}
+
+    def account_names(self, erp: str, org_numbers: Iterable[str]) -> dict[tuple[str, str], str]:
+        """(org number, account number) → the account's name, for the given tenants."""
+        rows = self.query(
+            "SELECT org_number, account_number, name FROM accounts WHERE erp = ? AND list_contains(?, org_number)",
+            [erp, list(org_numbers)],
+        )
+        return {(org, number): name for org, number, name in rows if name}
+
+    def failing_clients(self, erp: str) -> int:
+        """Clients whose last extraction failed (an error newer than their last success)."""
+        return self.query(
+            "SELECT count(*) FROM clients WHERE erp = ? AND last_error_at IS NOT NULL "
+            "AND (last_extracted_at IS NULL OR last_error_at > last_extracted_at)", [erp],
+        )[0][0]
 
 
 def _refuse_repeats(erp: str, org: str, what: str, keys: Iterable[Any]) -> None:

@@ -4,14 +4,17 @@ stored for it."""
 import asyncio
 import datetime as dt
 import json
+import socket
 
 import httpx
 import pytest
 
+from erp_pipelines.config import connector_from_environment
 from erp_pipelines.defs.build import build_definitions
 from erp_pipelines.erps.extract import ACCOUNTS, BALANCES
+from erp_pipelines.erps.kit import RetryPolicy
 from erp_pipelines.erps.tripletex import TripletexConnector
-from erp_pipelines.errors import BadResponse, ConfigError
+from erp_pipelines.errors import BadResponse, ConfigError, UpstreamError
 from erp_pipelines.model import (
     Balance,
     Client,
@@ -51,6 +54,9 @@ def good_env(tmp_path):
         ({"TRIPLETEX_BASE_URL": "tripletex.no/v2"}, "TRIPLETEX_BASE_URL", "is not an http(s) URL"),
         ({"TRIPLETEX_BASE_URL": "ftp://tripletex.no/v2"}, "TRIPLETEX_BASE_URL", "is not an http(s) URL"),
         ({"TRIPLETEX_BASE_URL": "https://"}, "TRIPLETEX_BASE_URL", "is not an http(s) URL"),
+        ({"TRIPLETEX_BASE_URL": "https://api-test.tripletex .tech/v2"}, "TRIPLETEX_BASE_URL", "contains whitespace"),
+        ({"TRIPLETEX_BASE_URL": "https:///v2"}, "TRIPLETEX_BASE_URL", "names no host"),
+        ({"TRIPLETEX_BASE_URL": "https://api-test.tripletex.tech"}, "TRIPLETEX_BASE_URL", "must end in /v2"),
         ({"ERP_SOURCES": "tripletex,fikenn"}, "ERP_SOURCES", "unknown ERP(s): fikenn"),
         ({"ERP_TENANTS_PER_RUN": "many"}, "ERP_TENANTS_PER_RUN", "positive whole number"),
         ({"TRIPLETEX_HISTORY_START": "last year"}, "TRIPLETEX_HISTORY_START", "is not a date"),
@@ -66,6 +72,31 @@ def test_invalid_configuration_fails_at_load_time_naming_the_variable(tmp_path, 
     assert variable in message and says in message and "Fix:" in message
     assert SECRET not in message and "employee-secret-value-77aa" not in message
     assert not (tmp_path / "warehouse.duckdb").exists()  # nothing stored, nothing even created
+
+
+def test_a_tripletex_url_without_v2_fails_at_load_time_with_the_fix(tmp_path):
+    env = {**good_env(tmp_path), "TRIPLETEX_BASE_URL": "https://api-test.tripletex.tech/"}
+    with pytest.raises(ConfigError) as caught:
+        build_definitions(env)
+    assert str(caught.value) == ("TRIPLETEX_BASE_URL must end in /v2 (the API's path), but it has no path "
+                                 "Fix: append /v2: set TRIPLETEX_BASE_URL to the full URL, e.g. https://tripletex.no/v2")
+
+
+def test_a_refused_connection_names_the_host_and_the_variable_that_sets_it(tmp_path):
+    with socket.socket() as probe:  # a port nothing listens on once the probe is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**good_env(tmp_path), "TRIPLETEX_BASE_URL": f"http://127.0.0.1:{port}/v2"}
+    connector = connector_from_environment("tripletex", env, retry=RetryPolicy(max_attempts=2, backoff_base=0))
+    warehouse = Warehouse(tmp_path / "warehouse.duckdb")
+    with pytest.raises(UpstreamError) as caught:
+        asyncio.run(_run(connector, warehouse))  # the <erp>/clients step: listing the clients
+    message = str(caught.value)
+    assert f"cannot connect to 127.0.0.1:{port} (set by TRIPLETEX_BASE_URL)" in message
+    assert f"Fix: check TRIPLETEX_BASE_URL (host name and port) and that this machine reaches 127.0.0.1:{port}" \
+        in message
+    assert "retry the partition" not in message  # listing clients is no partition's work
+    assert SECRET not in message and "employee-secret-value-77aa" not in message
 
 
 def test_no_erp_configured_is_a_clear_error(tmp_path):

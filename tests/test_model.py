@@ -3,6 +3,7 @@ from decimal import Decimal
 import pytest
 
 from erp_pipelines.model import (
+    Account,
     Client,
     ClientStatus,
     classify_clients,
@@ -74,3 +75,12 @@ def test_kroner_is_exact_and_months_are_inclusive():
     assert months_between(dt.date(2025, 11, 15), dt.date(2026, 2, 1)) == [
         dt.date(2025, 11, 1), dt.date(2025, 12, 1), dt.date(2026, 1, 1), dt.date(2026, 2, 1)
     ]
+
+
+def test_an_account_without_a_class_is_classified_from_its_number_and_standard_account():
+    assert Account("3000", "Salgsinntekt").account_class == "income"
+    assert Account("2050", "Annen egenkapital", "EQUITY").account_class == "equity"
+    assert Account("19200", "Bank", standard_account="1920").account_class == "asset"
+    assert Account("A-1", "Salg", grouping_category="salgsinntekt", grouping_code="3000").account_class == "income"
+    assert Account("3000", "Salg", account_class="expense").account_class == "expense"  # the connector's class stands
+    assert Account("Z", "Unknown").account_class is None

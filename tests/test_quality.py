@@ -6,8 +6,8 @@ from decimal import Decimal
 
 import pytest
 
-from erp_pipelines.model import Balance, months_between
-from erp_pipelines.quality import run_check
+from erp_pipelines.model import Account, Balance, months_between
+from erp_pipelines.quality import run_check, violations
 from erp_pipelines.warehouse import Warehouse
 
 MONTHS = months_between(dt.date(2025, 5, 1), dt.date(2026, 2, 1))
@@ -63,3 +63,34 @@ def test_one_profit_and_loss_account_left_open_at_the_year_start_is_a_violation(
     broken = continuity(tmp_path, rows)
     june = dt.date(2025, 6, 1)
     assert {(row[1], row[2]) for row in broken} == {(june, SALES), (june, COSTS), (june, TRANSFER)}
+
+
+def test_a_trial_balance_violation_names_the_tenant_month_and_amount_furthest_off(tmp_path):
+    warehouse = Warehouse(tmp_path / "w.duckdb")
+    october, january = dt.date(2025, 10, 1), dt.date(2026, 1, 1)
+    broken = books(1, breaks={(october, BANK): Decimal("5.00"), (january, COSTS): Decimal("-7.00")})
+    warehouse.replace_balances("x", {"987654321": broken, "912345679": books(1)}, MONTHS)
+
+    found = violations(warehouse, "x", "trial_balance")
+
+    assert found.check.severity == "error" and found.check.columns[:2] == ("org_number", "period")
+    assert found.tenants == ["987654321"]
+    assert [row[1] for row in found.rows] == [m for m in MONTHS if m >= october]  # the break carries over
+    org, period, *_ = found.worst
+    assert (org, period, found.check.off_by(found.worst)) == ("987654321", october, Decimal("5.00"))
+    assert violations(warehouse, "x", "trial_balance", tenants=["912345679"]).rows == []
+
+
+def test_an_unknown_account_shows_its_last_month_and_the_balance_on_it(tmp_path):
+    warehouse = Warehouse(tmp_path / "w.duckdb")
+    warehouse.replace_balances("x", {"987654321": books(1)}, MONTHS)
+    known = [Account(number, f"account {number}") for number in ACCOUNTS if number != BANK]
+    warehouse.replace_accounts("x", {"987654321": known})
+
+    found = violations(warehouse, "x", "unknown_accounts")
+
+    assert found.check.severity == "warn"
+    closing = next(b.closing for b in books(1) if b.period == MONTHS[-1] and b.account_number == BANK)
+    assert found.rows == [("987654321", MONTHS[-1], BANK, closing)]
+    assert found.check.off_by(found.worst) == closing == Decimal(60 * len(MONTHS))
+    assert run_check(warehouse, "x", "unknown_accounts")[0] == 1

@@ -1,10 +1,22 @@
+import asyncio
 import datetime as dt
 import multiprocessing
 from decimal import Decimal
 
+import duckdb
+import httpx
 import pytest
 
-from erp_pipelines.model import Balance, Client, ClientStatus
+from erp_pipelines.clients import format_client_list, list_clients
+from erp_pipelines.config import connector_kwargs
+from erp_pipelines.erps.extract import ACCOUNTS, BALANCES
+from erp_pipelines.erps.kit import RateLimit, Throttle
+from erp_pipelines.erps.xledger import XledgerConnector
+from erp_pipelines.model import Balance, Client, ClientStatus, months_between
+from erp_pipelines.pipeline import load_tenants, refresh_clients
+from erp_pipelines.registry import ERPS
+from erp_pipelines.sandbox.ledger import generate_ledger
+from erp_pipelines.sandbox.xledger import FISCAL_YEAR_START_MONTH, FISCAL_YEAR_TENANT, XledgerSandbox
 from erp_pipelines.warehouse import Warehouse
 
 JAN, FEB, MAR = dt.date(2026, 1, 1), dt.date(2026, 2, 1), dt.date(2026, 3, 1)
@@ -74,6 +86,66 @@ def test_access_error_sets_no_api_access_until_success(warehouse):
     warehouse.record_extraction_outcomes("x", succeeded=["A"], failed={})
     client = warehouse.clients("x")[0]
     assert client.status == ClientStatus.OK and client.status_reason is None
+
+
+def test_the_clients_fiscal_year_start_lands_in_the_clients_table_and_survives_a_refresh(warehouse):
+    """Xledger's simulator: one tenant's fiscal year starts in July, the others' in January."""
+    months = months_between(dt.date(2025, 12, 1), dt.date(2026, 1, 1))
+    ledger = generate_ledger(4, first_month=dt.date(2025, 6, 1), last_month=months[-1])
+    sandbox = XledgerSandbox(ledger)
+    july = ledger.valid_tenants[FISCAL_YEAR_TENANT]
+    assert FISCAL_YEAR_START_MONTH == 7 and july.fiscal_year_start_month == 7
+
+    def connector():
+        return XledgerConnector(**connector_kwargs(ERPS["xledger"], sandbox.environment("http://xledger.test/graphql")),
+                                transport=httpx.ASGITransport(app=sandbox.app),
+                                throttle=Throttle(RateLimit(requests_per_second=500, max_in_flight=4)))
+
+    async def extract():
+        async with connector() as xledger:
+            _, change = await refresh_clients(xledger, warehouse)
+            active = list(warehouse.active_clients("xledger", change.active).values())
+            failed = [e async for batch in load_tenants(xledger, warehouse, active, what=(ACCOUNTS, BALANCES),
+                                                        months=months) for e in batch.failed]
+            return active, failed
+
+    active, failed = asyncio.run(extract())
+    assert failed == [] and len(active) == len(ledger.valid_tenants) > 1
+
+    def starts():
+        return dict(warehouse.query("SELECT org_number, fiscal_year_start_month FROM clients WHERE status = 'active'"))
+
+    assert starts() == {t.org_number: 7 if t is july else 1 for t in ledger.valid_tenants}
+
+    async def refresh():
+        async with connector() as xledger:
+            await refresh_clients(xledger, warehouse)
+
+    asyncio.run(refresh())  # the registry is rewritten on every listing: the start stays
+    assert starts()[july.org_number] == 7
+    listing = format_client_list(list_clients(warehouse, "xledger"))
+    assert listing.count("fiscal year starts in July") == 1  # calendar years go without saying
+
+
+def test_a_warehouse_from_before_fiscal_years_gains_the_column_in_place(tmp_path):
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE clients (erp VARCHAR NOT NULL, org_number VARCHAR NOT NULL, erp_client_id VARCHAR "
+                "NOT NULL, name VARCHAR, status VARCHAR NOT NULL, status_reason VARCHAR, first_seen_at TIMESTAMP "
+                "NOT NULL, last_seen_at TIMESTAMP NOT NULL, revoked_at TIMESTAMP, last_extracted_at TIMESTAMP, "
+                "last_error VARCHAR, last_error_at TIMESTAMP, deactivated_at TIMESTAMP)")
+    con.execute("INSERT INTO clients VALUES ('x', 'A', '1', 'Alpha', 'active', NULL, ?, ?, NULL, NULL, NULL, NULL, "
+                "NULL)", [dt.datetime(2026, 1, 5), dt.datetime(2026, 1, 5)])
+    con.close()
+    warehouse = Warehouse(path)
+    assert warehouse.query("SELECT name, status, fiscal_year_start_month FROM clients") == [("Alpha", "active", None)]
+    warehouse.record_extraction_outcomes("x", succeeded=["A"], failed={}, fiscal_year_starts={"A": 7})
+    warehouse.record_clients("x", [Client("x", "A", "1", "Alpha")])
+    assert warehouse.query("SELECT fiscal_year_start_month FROM clients") == [(7,)]
+    column_type = warehouse.query("SELECT data_type FROM information_schema.columns "
+                                  "WHERE table_name = 'clients' AND column_name = 'fiscal_year_start_month'")
+    assert column_type == [("SMALLINT",)]
+    assert Warehouse(path).query("SELECT count(*) FROM clients") == [(1,)]  # reopened: the migration is idempotent
 
 
 def _write_many(path, worker):

@@ -3,18 +3,42 @@
 - `<erp>/clients` (unpartitioned): refreshes the client registry and adds each new tenant's
   organisation number to the ERP's dynamic partitions.
 - `<erp>/accounts`, `<erp>/balances` (partitioned by organisation number): a run covers a range of
-  tenants, extracted concurrently. Each tenant that lands gets its own materialisation event; the
-  run then fails if any tenant failed, so the UI shows exactly the failed tenants as failed and
-  they can be retried alone.
+  tenants, extracted concurrently. Each tenant that lands gets its own materialisation event.
+- Every tenant that fails gets an `AssetObservation` on its own partition (`tenant_failure` tag)
+  naming the client, the error class and the fix, so the partition page says why without the logs.
+  (Dagster 1.13's `AssetMaterializationFailure` is internal and cannot be yielded from an asset body.)
+- Failures are of two kinds:
+  - expected business failures: the client must act (`ClientAccessError`: it withdrew or never
+    granted access), or the tenant is not active (inactive, rejected, revoked, not registered).
+    A run with only these succeeds: materialisations for the tenants that landed, the failure
+    observations for the others, and a warning "11 of 12 tenants loaded; 1 needs API-tilgang".
+    Those partitions are not marked failed (nothing to retry until the client acts); the sensor
+    re-syncs them when their access changes.
+  - anything else (a bug, a malformed answer, a server down after the retries, a tenant mismatch):
+    the step fails after the landed tenants were recorded, with a `dg.Failure` listing every failed
+    tenant and its fix, so exactly those partitions show as failed and can be retried alone.
 - `<erp>/balances` carries the integrity checks (`quality.py`) and evaluates them for the tenants each
-  run loads, so they run on every path (UI, CLI, schedule, sensor).
+  run loads, so they run on every path (UI, CLI, schedule, sensor). When no tenant landed, no check
+  result is reported (Dagster shows them not evaluated) rather than "passed" over nothing.
+  `trial_balance` and `row_arithmetic` are ERROR and blocking: the numbers are wrong, the step fails
+  and the reporting tables downstream are not rebuilt (`defs/reporting.py`); `continuity` and
+  `unknown_accounts` are WARN.
+- `<erp>/balances` of an ERP refreshed daily carries a freshness policy (warn after 25 h, fail after
+  26 h: the daily schedule's promise with an hour or two to spare). Dagster 1.13 judges it on the
+  asset's latest materialisation of any partition, so it shows a daily run that did not happen;
+  one tenant left behind shows through its failure observation and the partition's last date.
+- The reporting models downstream (`defs/reporting.py`) are not part of the extraction runs (a
+  tenant range yields no single asset output, so Dagster would skip them in-run); their automation
+  conditions request them after balances were updated.
 """
 
 
 import asyncio
 import dataclasses
 import datetime as dt
+import re
 import warnings
+from collections import Counter
 from collections.abc import Generator, Iterator
 from zoneinfo import ZoneInfo
 
@@ -23,9 +47,10 @@ import dagster as dg
 from erp_pipelines import quality
 from erp_pipelines.clients import not_loadable_reason
 from erp_pipelines.config import ErpConfig
+from erp_pipelines.defs.metadata import table_metadata
 from erp_pipelines.erps.extract import ACCOUNTS, BALANCES
-from erp_pipelines.errors import ConfigError
-from erp_pipelines.model import TenantExtract, add_months, months_between
+from erp_pipelines.errors import ClientAccessError, ConfigError, ErpError, redact
+from erp_pipelines.model import ClientStatus, TenantExtract, add_months, months_between
 from erp_pipelines.pipeline import (
     await_then_close,
     iterate_sync,
@@ -35,8 +60,11 @@ from erp_pipelines.pipeline import (
 )
 
 OSLO = ZoneInfo("Europe/Oslo")
-warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*backfill_policy.*")  # used on purpose
 WAREHOUSE = "warehouse"
+TENANT_FAILURE_TAG = "erp/tenant_failure"  # on the failure observations: "expected" or "unexpected"
+# the daily schedule runs at 06:00; a tenant not refreshed within a day and an hour or two is stale
+BALANCES_FRESHNESS = dg.FreshnessPolicy.time_window(fail_window=dt.timedelta(hours=26),
+                                                    warn_window=dt.timedelta(hours=25))
 
 class BalanceWindow(dg.Config):
     """Which months `<erp>/balances` extracts. Default: the previous and the current month (Oslo
@@ -91,11 +119,16 @@ class ErpAssets:
         return "__".join(self.balances_key.path)
 
 def build_erp_assets(erp_config: ErpConfig) -> ErpAssets:
+    with warnings.catch_warnings():  # `backfill_policy` is beta and used on purpose: silence that one, here only
+        warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*backfill_policy.*")
+        return _build_erp_assets(erp_config)
+
+def _build_erp_assets(erp_config: ErpConfig) -> ErpAssets:
     erp = erp_config.name
     connector_class = erp_config.spec.connector_class
     partitions = dg.DynamicPartitionsDefinition(name=f"{erp}_tenants")
     clients_key, accounts_key, balances_key = (dg.AssetKey([erp, name]) for name in ("clients", "accounts", "balances"))
-    common = {"group_name": erp, "kinds": {"duckdb", "python"}, "pool": f"{erp}_api",
+    common = {"group_name": erp, "kinds": {"duckdb", erp}, "owners": erp_config.owners, "pool": f"{erp}_api",
               "required_resource_keys": {erp, WAREHOUSE}}
     partitioned = {
         "partitions_def": partitions,
@@ -109,7 +142,9 @@ def build_erp_assets(erp_config: ErpConfig) -> ErpAssets:
     @dg.asset(
         key=clients_key,
         description=f"The tenants the {connector_class.display_name} credential reaches, with their status "
-        "(active / inactive / no API access / rejected / revoked). Adds new organisation numbers to the partitions.",
+        "(active / inactive / no API access / rejected / revoked) and the reason. New organisation numbers become "
+        "partitions of the accounts and balances. Table `clients`; `erp-pipelines clients list` shows it.",
+        metadata=table_metadata("clients"),
         **common,
     )
     def clients(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
@@ -126,15 +161,21 @@ def build_erp_assets(erp_config: ErpConfig) -> ErpAssets:
             context.log.warning(f"access withdrawn: tenant {org} is no longer listed; its history is kept")
         for org in change.inactive:
             context.log.info(f"tenant {org} is inactive (no runs); activate: erp-pipelines clients activate {erp} {org}")
+        for row in change.refused_files or []:  # file sources: every refused or ignored file, with the reason
+            context.log.warning(f"{row['message']} [{row['reason']}] Fix: {row['fix']}")
         return dg.MaterializeResult(
             metadata={
                 **change.counts,
+                "tenants_failing": warehouse.failing_clients(erp),
                 "partitions_added": len(added),
                 "clients": dg.MetadataValue.md(_clients_table(listed)),
+                **({"refused_files": dg.MetadataValue.md(_rows_table(
+                    [(r["file_name"], r["reason"], r["message"], r["fix"]) for r in change.refused_files[:50]],
+                    ("file", "reason", "message", "fix")))} if change.refused_files else {}),
             }
         )
 
-    def load(context: dg.AssetExecutionContext, what: str, months: list[dt.date]) -> Generator[dg.AssetMaterialization, None, LoadOutcome]:
+    def load(context: dg.AssetExecutionContext, what: str, months: list[dt.date]) -> Generator[dg.AssetMaterialization | dg.AssetObservation, None, LoadOutcome]:
         warehouse = getattr(context.resources, WAREHOUSE).get()
         wanted = list(context.partition_keys)
         active = warehouse.active_clients(erp, wanted)
@@ -143,108 +184,231 @@ def build_erp_assets(erp_config: ErpConfig) -> ErpAssets:
         if not_active:
             registered = warehouse.clients(erp)
             for org in not_active:  # inactive, rejected, revoked or never listed: say which, and the fix
-                outcome.failures[org] = not_loadable_reason(erp, org, [c for c in registered if c.org_number == org])
-                context.log.error(outcome.failures[org])
+                failure = TenantFailure.not_loadable(erp, org, [c for c in registered if c.org_number == org])
+                outcome.failures[org] = failure
+                yield failure.observation(context.asset_key)
         connector = getattr(context.resources, erp).connector()
         batches = iterate_then_close(
             connector,
             load_tenants(
                 connector, warehouse, [active[o] for o in wanted if o in active],
-                what=(what,), months=months, run_id=context.run_id,
+                what=(what,), months=months, run_id=context.run.run_id,
             ),
         )
         for batch in iterate_sync(batches):
             outcome.rows += batch.rows
+            landed = [extract.client.org_number for extract in batch.loaded]
+            total, per_tenant = warehouse.row_counts(what, erp, landed) if landed else (0, {})
+            names = warehouse.account_names(erp, landed) if landed and what == BALANCES else {}
             for extract in batch.loaded:
-                outcome.loaded.append(extract.client.org_number)
+                org = extract.client.org_number
+                outcome.loaded.append(org)
                 yield dg.AssetMaterialization(
-                    asset_key=context.asset_key, partition=extract.client.org_number,
-                    metadata=_tenant_metadata(extract, what, months),
+                    asset_key=context.asset_key, partition=org,
+                    metadata={**_tenant_metadata(extract, what, months, names),
+                              **table_metadata(what, row_count=total, partition_row_count=per_tenant[org])},
                 )
             for extract in batch.failed:
-                outcome.failures[extract.client.org_number] = str(extract.error)
-                context.log.error(str(extract.error))
+                failure = TenantFailure.of_error(extract.client, extract.error)
+                outcome.failures[extract.client.org_number] = failure
+                yield failure.observation(context.asset_key)
+                if not failure.expected:
+                    context.log.error(failure.message)
         window = f", months {months[0]:%Y-%m}..{months[-1]:%Y-%m}" if months else ""
         context.log.info(
-            f"{erp} {what}: {len(outcome.loaded)} tenants loaded ({outcome.rows} rows), "
-            f"{len(outcome.failures)} failed{window}; http: {connector_stats(connector)}"
+            f"{erp} {what}: {outcome.summary()} ({outcome.rows} rows){window}; http: {connector_stats(connector)}"
         )
         return outcome
 
     @dg.asset(
         key=accounts_key,
-        description=f"Chart of accounts per tenant from {connector_class.display_name}.",
+        description=f"Chart of accounts per tenant from {connector_class.display_name}: number, name, the ERP's "
+        "own type and the standard account it maps to. Table `accounts`; a run replaces each landed tenant's chart.",
+        metadata=table_metadata("accounts"),
         **common,
         **partitioned,
     )
     def accounts(context: dg.AssetExecutionContext) -> Iterator[dg.AssetMaterialization]:
         outcome = yield from load(context, ACCOUNTS, [])
-        outcome.raise_for_failures()
+        outcome.report(context)
+        outcome.raise_for_unexpected()
 
-    @dg.asset(
-        key=balances_key,
-        description=f"Monthly account balances per tenant from {connector_class.display_name}: opening, "
-        "movement, closing in NOK, debit positive, DECIMAL(18,2). Its checks verify the tenants each run loads.",
-        check_specs=[dg.AssetCheckSpec(name, asset=balances_key, description=quality.CHECKS[name][0])
-                     for name in quality.CHECKS],
-        **common,
-        **partitioned,
+    # a multi_asset for `can_subset`: only then may a run leave the checks without a result (no tenant landed)
+    @dg.multi_asset(
+        name="__".join(balances_key.path),
+        specs=[dg.AssetSpec(
+            balances_key,
+            description=f"Monthly account balances per tenant from {connector_class.display_name}: opening, "
+            "movement, closing in NOK, debit positive, DECIMAL(18,2); profit and loss restarts at the client's "
+            "fiscal-year start. Table `balances`; a run replaces each landed tenant's months in its window. "
+            "Its checks verify the tenants each run loads.",
+            metadata=table_metadata("balances"), owners=common["owners"],
+            group_name=erp, kinds=common["kinds"], deps=[clients_key], partitions_def=partitions,
+            skippable=True,  # each landed tenant is materialised on its own; see `load`
+            freshness_policy=BALANCES_FRESHNESS if connector_class.scheduled_refresh else None,
+        )],
+        check_specs=[dg.AssetCheckSpec(name, asset=balances_key, description=check.description,
+                                       blocking=check.severity == quality.ERROR)
+                     for name, check in quality.CHECKS.items()],
+        can_subset=True,
+        pool=common["pool"],
+        required_resource_keys=common["required_resource_keys"],
+        partitions_def=partitions,
+        backfill_policy=partitioned["backfill_policy"],
     )
     def balances(context: dg.AssetExecutionContext, config: BalanceWindow) -> Iterator:
         months = config.months(erp_config.history_start, full_by_default=connector_class.full_sync_by_default)
         outcome = yield from load(context, BALANCES, months)
-        warehouse = getattr(context.resources, WAREHOUSE).get()
-        for name in quality.CHECKS:
-            count, sample = quality.run_check(warehouse, erp, name, tenants=outcome.loaded)
-            yield dg.AssetCheckResult(
-                check_name=name,
-                passed=count == 0,
-                severity=dg.AssetCheckSeverity.ERROR,
-                metadata={"violations": count, "tenants_checked": len(outcome.loaded),
-                          "sample": dg.MetadataValue.md(_rows_table(sample) if sample else "none")},
-            )
-        outcome.raise_for_failures()
+        outcome.report(context)  # unexpected failures fail the step below, after the checks
+        if outcome.loaded:  # nothing landed: no result, rather than "passed" over no tenants
+            warehouse = getattr(context.resources, WAREHOUSE).get()
+            names = {c.org_number: c.name for c in warehouse.clients(erp)
+                     if c.org_number in outcome.loaded and c.status != ClientStatus.REJECTED}
+            selected = {key.name for key in context.selected_asset_check_keys}
+            for name in (n for n in quality.CHECKS if n in selected):
+                yield check_result(name, quality.violations(warehouse, erp, name, tenants=outcome.loaded),
+                                   tenants_checked=len(outcome.loaded), names=names)
+        outcome.raise_for_unexpected()
 
     return ErpAssets(erp, connector_class, partitions, clients_key, accounts_key, balances_key, [clients, accounts, balances])
 
 
+@dataclasses.dataclass(frozen=True)
+class TenantFailure:
+    """Why one tenant did not land: its client's name, the error class, the message and the fix."""
+
+    org_number: str
+    client_name: str
+    error: str  # the error class (`ClientAccessError`, `UpstreamError`, ...), or `ClientNotActive`
+    message: str
+    fix: str | None
+    expected: bool  # a business failure: the client (or the user) must act; nothing is broken
+    reason: str  # for the summary: "needs API-tilgang", "inactive", "failed (UpstreamError)"
+
+    @classmethod
+    def of_error(cls, client, error: BaseException) -> "TenantFailure":
+        name = type(error).__name__
+        fix = redact(error.fix) if isinstance(error, ErpError) and error.fix else None
+        if isinstance(error, ClientAccessError):
+            return cls(client.org_number, client.name, name, redact(str(error)), fix, True, _needs(fix))
+        return cls(client.org_number, client.name, name, redact(str(error)), fix, False, f"failed ({name})")
+
+    @classmethod
+    def not_loadable(cls, erp: str, org_number: str, registered: list) -> "TenantFailure":
+        """Inactive, rejected, revoked or never listed (`not_loadable_reason` says which, and the fix)."""
+        message = not_loadable_reason(erp, org_number, registered)
+        fix = message.split(" Fix: ", 1)[1] if " Fix: " in message else None
+        client = min(registered, key=lambda c: c.status == ClientStatus.REJECTED, default=None)
+        status = str(client.status) if client else "not registered"
+        return cls(org_number, client.name if client else org_number, "ClientNotActive", message, fix, True, status)
+
+    def observation(self, asset_key: dg.AssetKey) -> dg.AssetObservation:
+        """The event on this tenant's partition that the partition page shows."""
+        return dg.AssetObservation(
+            asset_key=asset_key,
+            partition=self.org_number,
+            description=self.message,
+            metadata={"tenant": self.client_name, "org_number": self.org_number, "error": self.error,
+                      "fix": self.fix or "-", "message": self.message, "outcome": self.reason},
+            tags={TENANT_FAILURE_TAG: "expected" if self.expected else "unexpected"},
+        )
+
+
+def _needs(fix: str | None) -> str:
+    """"needs API-tilgang" where the ERP's fix names what to tick or grant, else "needs access"."""
+    found = re.search(r"\btick ([\w-]+)", fix or "") or re.search(r"\b([\w-]+tilgang)\b", fix or "")
+    return f"needs {found.group(1)}" if found else "needs access"
+
+
+def tenant_failure_messages(events) -> list[str]:
+    """The failure messages of the tenant-failure observations among a run's events."""
+    return [
+        e.asset_observation_data.asset_observation.description
+        for e in events
+        if e.is_asset_observation and TENANT_FAILURE_TAG in (e.asset_observation_data.asset_observation.tags or {})
+    ]
+
+
 @dataclasses.dataclass
 class LoadOutcome:
-    """Which of a run's tenants landed and which failed (org number → message)."""
+    """Which of a run's tenants landed and which failed (org number → failure)."""
 
     erp: str
     wanted: list[str]
     loaded: list[str] = dataclasses.field(default_factory=list)
-    failures: dict[str, str] = dataclasses.field(default_factory=dict)
+    failures: dict[str, TenantFailure] = dataclasses.field(default_factory=dict)
     rows: int = 0
 
-    def raise_for_failures(self) -> None:
-        """Fail the step after the loaded tenants were recorded, so only the failed ones show as failed."""
+    def summary(self) -> str:
+        """"11 of 12 tenants loaded; 1 needs API-tilgang"."""
+        text = f"{len(self.loaded)} of {len(self.wanted)} {self.erp} tenants loaded"
+        reasons = Counter(f.reason for f in self.failures.values())
+        return text + ("; " + ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) if reasons else "")
+
+    def report(self, context: dg.AssetExecutionContext) -> None:
+        """Say what the run's failures mean; the business ones as a warning, not as an error."""
         if not self.failures:
             return
-        shown = "\n".join(f"- {message}" for message in list(self.failures.values())[:25])
-        more = f"\n... and {len(self.failures) - 25} more" if len(self.failures) > 25 else ""
+        expected = [f for f in self.failures.values() if f.expected]
+        if expected:
+            lines = "\n".join(f"- {f.message}" for f in expected[:25])
+            context.log.warning(f"{self.summary()}\n{lines}")
+
+    def raise_for_unexpected(self) -> None:
+        """Fail the step if a tenant failed for an unexpected reason, after the loaded tenants were
+        recorded, so only the failed ones show as failed. The description lists every failure."""
+        if all(f.expected for f in self.failures.values()):
+            return
+        failures = sorted(self.failures.values(), key=lambda f: f.expected)  # the unexpected first
+        shown = "\n".join(f"- {f.message}" for f in failures[:25])
+        more = f"\n... and {len(failures) - 25} more" if len(failures) > 25 else ""
         raise dg.Failure(
-            description=f"{len(self.failures)} of {len(self.wanted)} {self.erp} tenants failed "
-            f"({len(self.loaded)} loaded):\n{shown}{more}",
+            description=f"{self.summary()}:\n{shown}{more}",
             metadata={"failed_tenants": dg.MetadataValue.json(sorted(self.failures)), "tenants_loaded": len(self.loaded)},
             allow_retries=False,
         )
+
+
+def check_result(name: str, found: quality.Violations, *, tenants_checked: int, names: dict[str, str]) -> dg.AssetCheckResult:
+    """A check's result naming the tenant, the period and the amount furthest off, and its first rows."""
+    metadata: dict = {"violations": found.count, "tenants_checked": tenants_checked,
+                      "tenants_failing": len(found.tenants)}
+    worst = found.worst
+    if worst is not None:
+        org, period = worst[0], worst[1]
+        metadata.update({
+            "worst_tenant": f"{names.get(org, org)} (orgnr {org})",
+            "worst_period": f"{period:%Y-%m}",
+            "off_by_nok": dg.MetadataValue.text(str(found.check.off_by(worst))),
+        })
+        rows = [(names.get(row[0], ""), row[0], f"{row[1]:%Y-%m}", *row[2:]) for row in found.rows[:20]]
+        metadata["first_rows"] = dg.MetadataValue.md(
+            _rows_table(rows, ("tenant", *found.check.columns)) + (f"\n\n… {found.count - 20} more" if found.count > 20 else ""))
+    severity = dg.AssetCheckSeverity.ERROR if found.check.severity == quality.ERROR else dg.AssetCheckSeverity.WARN
+    return dg.AssetCheckResult(check_name=name, passed=found.count == 0, severity=severity, metadata=metadata)
+
 
 def connector_stats(connector) -> dict:
     api = getattr(connector, "api", None)
     return api.stats.as_metadata() if api is not None else {}
 
-def _tenant_metadata(extract: TenantExtract, what: str, months: list[dt.date]) -> dict:
+def _tenant_metadata(extract: TenantExtract, what: str, months: list[dt.date],
+                     names: dict[tuple[str, str], str]) -> dict:
     client = extract.client
     metadata: dict = {"tenant": client.name, "erp_client_id": client.erp_client_id}
     if what == ACCOUNTS:
         metadata["accounts"] = len(extract.accounts)
+        if extract.accounts:
+            metadata["preview"] = dg.MetadataValue.md(_rows_table(
+                [(a.account_number, a.name, a.account_class or "", a.account_type or "", a.standard_account or "")
+                 for a in extract.accounts[:8]],
+                ("account", "name", "class", "type", "standard account")))
         return metadata
+    periods = sorted({b.period for b in extract.balances}) or months  # what the data covers, not the window asked
     metadata.update(
         {
             "balance_rows": len(extract.balances),
-            "months": f"{months[0]:%Y-%m}..{months[-1]:%Y-%m}",
+            "months": f"{periods[0]:%Y-%m}..{periods[-1]:%Y-%m}" if periods else "none",
             "accounts_with_balance": len({b.account_number for b in extract.balances}),
         }
     )
@@ -258,10 +422,12 @@ def _tenant_metadata(extract: TenantExtract, what: str, months: list[dt.date]) -
     last_period = max((b.period for b in extract.balances), default=None)
     last = [b for b in extract.balances if b.period == last_period][:8]
     if last:
-        metadata["preview"] = dg.MetadataValue.md(
-            _rows_table([(b.period.isoformat(), b.account_number, b.opening, b.movement, b.closing) for b in last],
-                        ("period", "account", "opening", "movement", "closing"))
-        )
+        org = client.org_number
+        metadata["preview"] = dg.MetadataValue.md(_rows_table(
+            [(f"{b.period:%Y-%m}", b.account_number, names.get((org, b.account_number), ""), b.opening, b.movement,
+              b.closing) for b in last],
+            ("period", "account", "name", "opening", "movement", "closing"),
+        ))
     return metadata
 
 def _clients_table(listed) -> str:
@@ -269,8 +435,7 @@ def _clients_table(listed) -> str:
     more = f"\n\n… {len(listed) - 200} more" if len(listed) > 200 else ""
     return _rows_table(rows, ("orgnr", "name", "client id", "status", "reason")) + more
 
-def _rows_table(rows, header=None) -> str:
-    header = header or tuple(f"col{i}" for i in range(len(rows[0]) if rows else 0))
+def _rows_table(rows, header) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)

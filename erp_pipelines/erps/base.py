@@ -24,7 +24,7 @@ import httpx
 
 from erp_pipelines.erps.kit.client import ApiClient, RetryPolicy
 from erp_pipelines.erps.kit.throttle import RateLimit, Throttle
-from erp_pipelines.errors import BadResponse, TenantMismatch, register_secret
+from erp_pipelines.errors import BadResponse, ErpError, TenantMismatch, register_secret
 from erp_pipelines.model import Account, Balance, Client, normalise_tenant_id
 from erp_pipelines.tokens import TokenStore, credential_key
 
@@ -42,6 +42,14 @@ class Setting:
     url_path: str | None = None  # a URL setting's expected path (e.g. "/v2"), checked at load time
 
 
+@dataclasses.dataclass(frozen=True)
+class BilingualFix:
+    """A fix for the customer, in Norwegian (their ERP's words) with an English line."""
+
+    norwegian: str
+    english: str
+
+
 class Connector(abc.ABC):
     """Base class of every connector. Subclasses set the class attributes and the three methods."""
 
@@ -54,6 +62,9 @@ class Connector(abc.ABC):
     default_history_start: ClassVar[str] = "2023-01-01"  # first month of a full sync (<ERP>_HISTORY_START)
     sensor_interval_seconds: ClassVar[int] = 300
     uses_token_store: ClassVar[bool] = False  # True: it keeps tokens in the store (tokens.py) across runs
+    # what the customer must tick or create when a listed client refuses API access (the onboarding
+    # step), as `erp-pipelines doctor` prints it; None: the error's own fix says it
+    onboarding_fix: ClassVar[BilingualFix | None] = None
 
     def __init__(
         self,
@@ -73,14 +84,23 @@ class Connector(abc.ABC):
         self.transport, self.throttle, self.retry = transport, throttle, retry
         self.timeout, self.page_size, self.token_store = timeout, page_size, token_store
         self.unresolved_client_ids: set[str] = set()  # listed clients the ERP could not describe just now
+        # erp_client_id → first month (1-12) of its fiscal year, where the ERP tells; set by fetch_balances
+        self.fiscal_year_starts: dict[str, int] = {}
+        self.refused_clients: dict[str, ErpError] = {}  # configured clients the ERP refuses (not listed)
 
     def api_client(self, base_url: str, *credential: str, **hooks: Any) -> ApiClient:
         """The kit's client for this connector: its options, and the process's one throttle for
         the credential (`credential`: the parts that identify it, hashed; never logged)."""
         return ApiClient(
             erp=self.erp, base_url=base_url, throttle=self.throttle or self.shared_throttle(*credential),
-            retry=self.retry, transport=self.transport, timeout=self.timeout, **hooks,
+            retry=self.retry, transport=self.transport, timeout=self.timeout, url_variables=self.url_variables(),
+            **hooks,
         )
+
+    def url_variables(self) -> dict[str, str]:
+        """Each configured URL → its environment variable (named when its host cannot be reached)."""
+        return {str(self.config[s.field]).strip(): s.env for s in self.settings
+                if s.field.endswith("url") and self.config.get(s.field)}
 
     def __repr__(self) -> str:  # never a secret
         shown = {s.field: self.config.get(s.field) for s in self.settings if not s.secret and s.field in self.config}

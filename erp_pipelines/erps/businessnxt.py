@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from erp_pipelines.erps.base import Connector, Setting, require_fields, require_same_company
+from erp_pipelines.erps.base import BilingualFix, Connector, Setting, require_fields, require_same_company
 from erp_pipelines.erps.kit import (
     ClientCredentials,
     Cursor,
@@ -150,6 +150,12 @@ class BusinessNxtConnector(Connector):
                 description="the customer's Visma tenant id, sent as tenant_id in the token request"),
     )
     rate_limit = RATE_LIMIT
+    onboarding_fix = BilingualFix(
+        norwegian="I Business NXT må brukeren som er registrert for integrasjonen vår (tjenestebruker) få "
+                  "tilgang til dette selskapet, og tilgangsgruppen må ha lesetilgang til hovedboken.",
+        english="In Business NXT, give the user registered for our integration (the service user) access "
+                "to this company, and its access group read access to the general ledger.",
+    )
     uses_token_store = True  # the access token is reused across runs until it expires
 
     def __init__(self, *, base_url: str, connect_url: str, client_id: str, client_secret: str,
@@ -219,6 +225,7 @@ class BusinessNxtConnector(Connector):
             name, org_number = await self._identity(company_no, label)
         except ClientAccessError as exc:
             log.warning("businessnxt company %s is refused: %s", company_no, exc)
+            self.refused_clients[company_no] = exc.for_tenant(label)
             return None
         except (UpstreamError, RateLimited, BadResponse) as exc:
             log.warning("businessnxt company %s could not be described now: %s", company_no, exc)

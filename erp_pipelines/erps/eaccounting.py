@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from erp_pipelines.erps.base import Connector, Setting, require_fields
+from erp_pipelines.erps.base import BilingualFix, Connector, Setting, require_fields
 from erp_pipelines.erps.kit import (
     ApiClient,
     OAuthApp,
@@ -104,6 +104,14 @@ class EAccountingConnector(Connector):
                 "listens on it"),
     )
     rate_limit = RATE_LIMIT
+    onboarding_fix = BilingualFix(
+        norwegian="Selskapets eAccounting-variant må ha regnskap (Standard, Pro, Bokføring eller Solo; "
+                  "ikke Fakturering), og brukeren som samtykker må ha lesetilgang til regnskap og salg; kjør så "
+                  "`erp-pipelines consent eaccounting` på nytt for selskapet.",
+        english="The company's eAccounting variant must include bookkeeping (Standard, Pro, Bookkeeping "
+                "or Solo; not Invoicing) and the consenting user needs read access to accounting and sales; then "
+                "run `erp-pipelines consent eaccounting` again for the company.",
+    )
     uses_token_store = True  # one consent per company, with rotating refresh tokens
 
     def __init__(self, *, base_url: str, client_id: str, client_secret: str,
@@ -235,17 +243,19 @@ class EAccountingConnector(Connector):
         """Charts are per fiscal year (NOTES §4): every year's, the latest name of each number."""
         charts = await gather_all(*(self._pages(client, f"accounts/{year.id}", identity=lambda row: row.get("Number"))
                                     for year in await self.fiscal_years(client)))
-        names: dict[str, str] = {}
+        latest: dict[str, tuple[str, str | None]] = {}
         for rows in charts:
             for row in rows:
                 _require(row, ("Number", "Name"), "accounts", client.label)
-                names[str(row["Number"])] = str(row["Name"])
-        return [Account(account_number=number, name=name) for number, name in names.items()]
+                latest[str(row["Number"])] = (str(row["Name"]), row.get("TypeDescription") or None)
+        # the class from the NS 4102 number (`Account` classifies it): TypeDescription's values are undocumented
+        return [Account(account_number=number, name=name, account_type=kind) for number, (name, kind) in latest.items()]
 
     async def fetch_balances(self, client: Client, months: list[dt.date]) -> list[Balance]:
         years = await self.fiscal_years(client)
         closings = await gather_all(*(self._closing(client, day, years) for day in month_ends(months)))
-        return balances_from_closings(months, closings, fiscal_year_start_month=_start_month(years, months[-1]))
+        start = self.fiscal_year_starts[client.erp_client_id] = _start_month(years, months[-1])
+        return balances_from_closings(months, closings, fiscal_year_start_month=start)
 
     async def _closing(self, client: Client, day: dt.date, years: list[FiscalYear]) -> dict[str, Decimal]:
         """Balances at the end of `day`: balance sheet since the first posting, profit and loss year to

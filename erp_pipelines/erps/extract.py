@@ -38,17 +38,18 @@ async def extract_tenant(
         if BALANCES in what:
             result.balances = [b for b in await connector.fetch_balances(client, months) if not b.is_zero]
             result.findings = await connector.reconciliation_findings(client)
+            result.fiscal_year_start_month = connector.fiscal_year_starts.get(client.erp_client_id)
         await connector.verify_tenant(client)
         _refuse_repeated_keys(connector.erp, client, result)
     except ErpError as exc:
         result.error = exc.for_tenant(client.label)
-        result.accounts, result.balances, result.findings = [], [], None
+        result.accounts, result.balances, result.findings, result.fiscal_year_start_month = [], [], None, None
     except Exception as exc:  # noqa: BLE001 - a bug or an unexpected payload must stay on its tenant
         result.error = RuntimeError(redact(
             f"{client.label}: unexpected {type(exc).__name__}: {exc} Fix: this is a bug in the "
             f"{connector.erp} connector; retry the partition, and report it with the run's logs if it recurs"
         ))
-        result.accounts, result.balances, result.findings = [], [], None
+        result.accounts, result.balances, result.findings, result.fiscal_year_start_month = [], [], None, None
     return result
 
 

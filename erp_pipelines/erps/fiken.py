@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from erp_pipelines.erps.base import Connector, Setting, require_fields
+from erp_pipelines.erps.base import BilingualFix, Connector, Setting, require_fields
 from erp_pipelines.erps.kit import (
     OAuthApp,
     PageNumber,
@@ -87,6 +87,14 @@ class FikenConnector(Connector):
                 description="OAuth redirect URI, registered with the app; `erp-pipelines consent fiken` listens on it"),
     )
     rate_limit = RATE_LIMIT
+    onboarding_fix = BilingualFix(
+        norwegian="Selskapet må ha API-modulen i Fiken (Innstillinger → Abonnement → API-modulen); med "
+                  "OAuth må selskapet også være gitt tilgang for integrasjonen (Rediger konto → Sikkerhet → Apper "
+                  "du har gitt tilgang til).",
+        english="The company needs Fiken's API module (Settings → Subscription → API module); with OAuth, "
+                "the company must also be granted to this integration (Edit account → Security → Apps you have "
+                "given access).",
+    )
     uses_token_store = True  # OAuth consents and their rotating refresh tokens
 
     def __init__(self, *, base_url: str, api_token: str | None = None, client_id: str | None = None,
@@ -179,6 +187,7 @@ class FikenConnector(Connector):
     async def fetch_balances(self, client: Client, months: list[dt.date]) -> list[Balance]:
         """Closing balances at every month end of the window and at the end of the month before."""
         closings = await gather_all(*(self._closing(client, day) for day in month_ends(months)))
+        self.fiscal_year_starts[client.erp_client_id] = FISCAL_YEAR_START_MONTH
         return balances_from_closings(months, closings, fiscal_year_start_month=FISCAL_YEAR_START_MONTH)
 
     async def _closing(self, client: Client, day: dt.date) -> dict[str, Decimal]:

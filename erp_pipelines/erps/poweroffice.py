@@ -22,7 +22,8 @@ from typing import Any
 
 import httpx
 
-from erp_pipelines.erps.base import Connector, Setting, require_fields
+from erp_pipelines.accounts import AccountClass, classify_account
+from erp_pipelines.erps.base import BilingualFix, Connector, Setting, require_fields
 from erp_pipelines.erps.kit import (
     ClientCredentials,
     PageNumber,
@@ -49,6 +50,10 @@ from erp_pipelines.tokens import credential_key
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 5000  # the documented default (NOTES §6)
+# `GeneralLedgerAccountType` (NOTES) → account class, for numbers outside NS 4102
+ACCOUNT_TYPE_CLASSES: dict[str, AccountClass] = {
+    "Asset": "asset", "Liability": "liability", "Equity": "equity", "Income": "income", "Expense": "expense",
+}
 RATE_LIMIT = RateLimit(
     requests_per_second=10.0,
     source="10 requests/s per subscription key, shared by all client keys, token calls included (NOTES §7)",
@@ -87,6 +92,12 @@ class PowerOfficeConnector(Connector):
                 description="comma-separated client keys, one per client company that activated the integration"),
     )
     rate_limit = RATE_LIMIT
+    onboarding_fix = BilingualFix(
+        norwegian="I klientens PowerOffice Go: gå til Innstillinger → Utvidelser og aktiver integrasjonen "
+                  "(med modulene den trenger), og send oss den nye klientnøkkelen (POWEROFFICE_CLIENT_KEYS).",
+        english="In the client's PowerOffice Go, activate the integration under Settings → Extensions "
+                "(with the modules it needs) and send us its new client key (POWEROFFICE_CLIENT_KEYS).",
+    )
     uses_token_store = True  # access tokens are reused across runs until they expire
 
     def __init__(self, *, base_url: str, token_url: str, application_key: str, subscription_key: str,
@@ -159,6 +170,7 @@ class PowerOfficeConnector(Connector):
             settings = await self._get(erp_client_id, "OrganizationSettings")
         except ClientAccessError as exc:  # the client removed the integration: no longer listed
             log.warning("poweroffice client %s: %s", erp_client_id, exc)
+            self.refused_clients[erp_client_id] = exc
             return None
         except (UpstreamError, RateLimited, BadResponse) as exc:  # passing: its registry entry stays
             log.warning("poweroffice client %s could not be described now: %s", erp_client_id, exc)
@@ -173,12 +185,13 @@ class PowerOfficeConnector(Connector):
         accounts = []
         for row in rows:
             require_fields(row, ("AccountNo", "Name"), where="GeneralLedgerAccounts", erp=self.erp, tenant=client.label)
-            accounts.append(Account(account_number=str(row["AccountNo"]), name=str(row["Name"]),
-                                    account_type=row.get("GeneralLedgerAccountType")))
+            number, kind = str(row["AccountNo"]), row.get("GeneralLedgerAccountType")
+            accounts.append(Account(account_number=number, name=str(row["Name"]), account_type=kind,
+                                    account_class=classify_account(number, kind, type_classes=ACCOUNT_TYPE_CLASSES)))
         return accounts
 
     async def fetch_balances(self, client: Client, months: list[dt.date]) -> list[Balance]:
-        fiscal_start = await self._fiscal_year_start(client)
+        fiscal_start = self.fiscal_year_starts[client.erp_client_id] = await self._fiscal_year_start(client)
         closings = await gather_all(*(self._trial_balance(client, day) for day in month_ends(months)))
         return balances_from_closings(months, closings, fiscal_year_start_month=fiscal_start)
 

@@ -5,11 +5,17 @@ Plain Python, no Dagster. Entry points:
 - `read_header(path)` / `validate_file(path)`: the cheap and the checking halves of it;
 - `SaftConnector(drop_dir)`: the `Connector` over a drop folder.
 
-A file is refused (`SaftFileRejected`, a `BadResponse`; nothing from it is returned) when it holds a DTD,
-is truncated or not well-formed, is not SAF-T Financial, fails its version's XSD, or has a
-`Header/Company/RegistrationNumber` that is not a valid organisation/personal number
-(`SaftInvalidOrgNumber`, also an `InvalidTenantId`). How versions, validation, periods and balances work:
-see the modules of `erp_pipelines.saft`.
+A file is refused (`SaftFileRejected`, a `BadResponse`; nothing from it is returned) with a reason code:
+`not_xml` (e.g. a CSV named .xml), `not_saft` (XML, but not SAF-T Financial), `truncated`, `malformed`
+(not well-formed XML), `contains_dtd`, `bad_zip`, `invalid` (fails its version's XSD or holds unreadable
+amounts), or `invalid_org_number` (`Header/Company/RegistrationNumber` is not a valid organisation/personal
+number: `SaftInvalidOrgNumber`, also an `InvalidTenantId`). How versions, validation, periods and balances
+work: see the modules of `erp_pipelines.saft`.
+
+The connector lists every file it refused or ignored (other types than .xml/.zip: `ignored_type`) as
+`RefusedFile`s (`refused_files`, `ignored_files`), logs each once, and `refused_file_report()` gives the
+rows of the warehouse's `refused_files` table. Files are fingerprinted by content (for a zip: the XML
+inside), so a re-zipped identical export is not imported again.
 
 Several files of one company (e.g. two fiscal years, or a re-export) form one tenant. Where their months
 overlap, the newer file wins: later `AuditFileDateCreated`, then later modification time (an overlap whose
@@ -26,6 +32,7 @@ import datetime as dt
 import hashlib
 import itertools
 import logging
+import zipfile
 from collections.abc import Iterable
 from decimal import Decimal
 from pathlib import Path
@@ -37,14 +44,17 @@ from erp_pipelines.model import Account, Balance, Client, add_months, month_star
 from erp_pipelines.saft.balances import build_import
 from erp_pipelines.saft.parser import parse_file, read_header
 from erp_pipelines.saft.records import (
-    FIX_ORG_NUMBER,
+    FIXES,
+    IGNORED_TYPE,
+    INVALID_ORG_NUMBER,
     ReconciliationIssue,
+    RefusedFile,
     SaftAccount,
     SaftFileRejected,
     SaftHeader,
     SaftImport,
 )
-from erp_pipelines.saft.safety import xml_size
+from erp_pipelines.saft.safety import is_zip, open_xml, xml_size
 from erp_pipelines.saft.schemas import (
     XMLSCHEMA_MAX_BYTES,
     declared_version,
@@ -55,6 +65,7 @@ from erp_pipelines.saft.schemas import (
 __all__ = [
     "FileFingerprint",
     "ReconciliationIssue",
+    "RefusedFile",
     "SaftAccount",
     "SaftConnector",
     "SaftFileInfo",
@@ -112,7 +123,7 @@ def _checked_header(path: Path) -> SaftHeader:
             path,
             f"Header/Company/RegistrationNumber {header.registration_number!r}: {header.org_number_problem}",
             company=header.company_label,
-            fix=FIX_ORG_NUMBER,
+            code=INVALID_ORG_NUMBER,
         )
     return header
 
@@ -146,11 +157,12 @@ def _xmlschema_validate(path: Path, header: SaftHeader) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class FileFingerprint:
-    """Identity of a dropped file's content, for a sensor to spot new or changed files."""
+    """Identity of a dropped file's content, for a sensor to spot new or changed files. For a zip, the
+    XML inside is hashed: re-zipping an identical export (new member timestamps) keeps the fingerprint."""
 
     path: str
     sha256: str
-    size: int
+    size: int  # bytes hashed (the XML inside, for a zip)
     mtime: float  # seconds since the epoch
 
     @property
@@ -197,7 +209,8 @@ class CompanyImport:
 
 
 class SaftConnector(Connector):
-    """Files in `drop_dir` (*.xml, or *.zip holding one XML): one client per company."""
+    """Files in `drop_dir` (*.xml, or *.zip holding one XML): one client per company. Other files are
+    ignored, and listed as such (`ignored_files`)."""
 
     erp = "saft"
     display_name = "SAF-T Financial (file import)"
@@ -220,51 +233,108 @@ class SaftConnector(Connector):
         self.drop_dir = Path(drop_dir)
         self.validation = validation
         self.problems: dict[str, str] = {}  # file name → why it is refused or its client will be
+        # file name → why it was not imported, as of the last scan (and imports since)
+        self.file_refusals: dict[str, RefusedFile] = {}
         # caches keyed by path, valid while (size, mtime_ns) hold
-        self._headers: dict[Path, tuple[tuple[int, int], SaftHeader | None, str | None]] = {}
+        self._headers: dict[Path, tuple[tuple[int, int], SaftHeader | None, SaftFileRejected | None]] = {}
         self._imports: dict[Path, tuple[tuple[int, int], SaftImport]] = {}
-        self._hashes: dict[Path, tuple[tuple[int, int], str]] = {}
+        self._import_refusals: dict[Path, tuple[tuple[int, int], RefusedFile]] = {}
+        self._hashes: dict[Path, tuple[tuple[int, int], str, int]] = {}
+        self._logged: dict[str, str] = {}  # file name → the refusal last logged for it
 
     # -- scanning (headers only)
 
-    def files(self) -> list[Path]:
+    def all_files(self) -> list[Path]:
+        """Every file of the drop folder but hidden and temporary ones (`.name`, `~name`)."""
         if not self.drop_dir.is_dir():
             raise ConfigError(
                 f"SAFT_DROP_DIR {str(self.drop_dir)!r} is not a folder",
                 erp=self.erp,
                 fix="create the folder or correct SAFT_DROP_DIR",
             )
-        return sorted(
-            p
-            for p in self.drop_dir.iterdir()
-            if p.is_file() and p.suffix.lower() in (".xml", ".zip") and not p.name.startswith((".", "~"))
-        )
+        return sorted(p for p in self.drop_dir.iterdir() if p.is_file() and not p.name.startswith((".", "~")))
+
+    def files(self) -> list[Path]:
+        """The files that are read: *.xml and *.zip."""
+        return [p for p in self.all_files() if p.suffix.lower() in (".xml", ".zip")]
 
     def scan_files(self) -> list[SaftFileInfo]:
-        """Every file's header (cheap: the first KBs plus the MasterFiles needed for the version)."""
+        """Every file's header (cheap: the first KBs plus the MasterFiles needed for the version).
+        Refused and ignored files are collected in `file_refusals` and logged once."""
         infos = []
-        for path in self.files():
+        refusals: dict[str, RefusedFile] = {}
+        for path in self.all_files():
             stat = path.stat()
-            header, problem = self._header(path, (stat.st_size, stat.st_mtime_ns))
+            key = (stat.st_size, stat.st_mtime_ns)
+            if path.suffix.lower() not in (".xml", ".zip"):
+                refusals[path.name] = self._ignored(path)
+                continue
+            header, refused = self._header(path, key)
+            problem = refused.detail if refused else header.org_number_problem
             if problem:
-                if self.problems.get(path.name) != problem:
+                if self.problems.get(path.name) != problem and not refused:
                     log.warning("SAF-T file %s: %s", path.name, problem)
                 self.problems[path.name] = problem
             else:
                 self.problems.pop(path.name, None)
+            if refused:
+                refusals[path.name] = self._refused(path, refused)
+            elif (earlier := self._import_refusals.get(path)) and earlier[0] == key:
+                refusals[path.name] = earlier[1]  # refused when imported (e.g. fails the XSD), unchanged since
             infos.append(SaftFileInfo(path, stat.st_size, stat.st_mtime_ns, header, problem))
+        self.file_refusals = refusals
         return infos
 
-    def _header(self, path: Path, key: tuple[int, int]) -> tuple[SaftHeader | None, str | None]:
+    def _header(self, path: Path, key: tuple[int, int]) -> tuple[SaftHeader | None, SaftFileRejected | None]:
         cached = self._headers.get(path)
         if cached is None or cached[0] != key:
             try:
-                header = read_header(path)
-                cached = (key, header, header.org_number_problem)
+                cached = (key, read_header(path), None)
             except SaftFileRejected as exc:
-                cached = (key, None, exc.detail)
+                cached = (key, None, exc)
             self._headers[path] = cached
         return cached[1], cached[2]
+
+    # -- refused and ignored files
+
+    @property
+    def refused_files(self) -> list[RefusedFile]:
+        """Files of the last scan (and imports since) that were refused, with reason, message and fix."""
+        return [r for r in self.file_refusals.values() if r.reason != IGNORED_TYPE]
+
+    @property
+    def ignored_files(self) -> list[RefusedFile]:
+        """Files of the last scan that are not .xml/.zip, so never read."""
+        return [r for r in self.file_refusals.values() if r.reason == IGNORED_TYPE]
+
+    def refused_file_report(self) -> tuple[list[dict], dict[str, str]]:
+        """For the warehouse's `refused_files`: the rows of the last scan's refused and ignored files,
+        and every file now in the folder (name → content fingerprint), so rows of removed or replaced
+        files can go."""
+        present = {path.name: self.fingerprint(path).sha256 for path in self.all_files()}
+        return [r.as_row() for r in self.file_refusals.values()], present
+
+    def _refused(self, path: Path, exc: SaftFileRejected) -> RefusedFile:
+        refused = RefusedFile(path.name, self.fingerprint(path).sha256, exc.code, exc.detail, exc.fix)
+        self._log(refused)
+        return refused
+
+    def _ignored(self, path: Path) -> RefusedFile:
+        kind = f"a {path.suffix.lower()} file" if path.suffix else "a file without extension"
+        ignored = RefusedFile(
+            path.name,
+            self.fingerprint(path).sha256,
+            IGNORED_TYPE,
+            f"{path.name!r} ignored: {kind}; only .xml and .zip files are imported",
+            FIXES[IGNORED_TYPE],
+        )
+        self._log(ignored)
+        return ignored
+
+    def _log(self, refused: RefusedFile) -> None:
+        if self._logged.get(refused.file_name) != refused.message:
+            log.warning("%s [%s] Fix: %s", refused.message, refused.reason, refused.fix)
+            self._logged[refused.file_name] = refused.message
 
     async def scan(self) -> list[SaftFileInfo]:
         return await asyncio.to_thread(self.scan_files)
@@ -303,6 +373,9 @@ class SaftConnector(Connector):
             try:
                 cached = (key, import_file(info.path, validation=self.validation))
             except SaftFileRejected as exc:
+                refused = self._refused(info.path, exc)
+                self._import_refusals[info.path] = (key, refused)
+                self.file_refusals[info.path.name] = refused
                 raise exc.for_tenant(client.label) from None
             self._imports[info.path] = cached
         result = cached[1]
@@ -356,21 +429,32 @@ class SaftConnector(Connector):
     # -- change detection
 
     def fingerprint(self, path: Path) -> FileFingerprint:
+        """sha256 of the file's content; for a zip, of the XML inside (the zip's own bytes when it is
+        not a readable SAF-T zip)."""
         stat = path.stat()
         key = (stat.st_size, stat.st_mtime_ns)
         cached = self._hashes.get(path)
         if cached is None or cached[0] != key:
-            digest = hashlib.sha256()
-            with open(path, "rb") as handle:
-                while chunk := handle.read(1 << 20):
-                    digest.update(chunk)
-            cached = (key, digest.hexdigest())
+            try:
+                with open_xml(path) if is_zip(path) else open(path, "rb") as handle:
+                    cached = (key, *_sha256(handle))
+            except (SaftFileRejected, zipfile.BadZipFile):
+                with open(path, "rb") as handle:
+                    cached = (key, *_sha256(handle))
             self._hashes[path] = cached
-        return FileFingerprint(str(path), cached[1], stat.st_size, stat.st_mtime_ns / 1e9)
+        return FileFingerprint(str(path), cached[1], cached[2], stat.st_mtime_ns / 1e9)
 
     async def fingerprints(self) -> list[FileFingerprint]:
         """sha256 + size + mtime of every file in the drop folder (hashes cached while size/mtime hold)."""
         return await asyncio.to_thread(lambda: [self.fingerprint(p) for p in self.files()])
+
+
+def _sha256(handle) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    while chunk := handle.read(1 << 20):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
 
 
 # ---------------------------------------------------------------------------------------- combining

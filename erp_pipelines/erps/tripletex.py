@@ -8,12 +8,14 @@ with username `0` (the key's own company) or a client's company id (act as that 
 from __future__ import annotations
 
 import datetime as dt
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
 
-from erp_pipelines.erps.base import Connector, Setting, require_fields
+from erp_pipelines.accounts import AccountClass, classify_account, saft_mapping
+from erp_pipelines.erps.base import BilingualFix, Connector, Setting, require_fields
 from erp_pipelines.erps.kit import (
     MintedToken,
     Offset,
@@ -29,6 +31,7 @@ from erp_pipelines.errors import (
     AuthError,
     BadResponse,
     ClientAccessError,
+    ConfigError,
     ErpError,
     TenantMismatch,
     UpstreamError,
@@ -37,8 +40,22 @@ from erp_pipelines.model import Account, Balance, Client, add_months, kroner, no
 from erp_pipelines.tokens import TokenStore, credential_key
 
 OSLO = ZoneInfo("Europe/Oslo")
+RECONCILE_SOURCE = "tripletex /ledger"  # the `source` of the reconciliation rows
+# (balanceSheet field, ledger field, check name) compared per account and month
+RECONCILED_FIELDS = (
+    ("balanceIn", "openingBalance", "ledger_opening_balance"),
+    ("balanceChange", "sumAmount", "ledger_movement"),
+    ("balanceOut", "closingBalance", "ledger_closing_balance"),
+)
 PAGE_SIZE = 1000  # the documented default; larger counts are rejected above 10000 (NOTES §4)
 OWN_COMPANY = "0"  # Basic-auth username for the key's own company
+# `Account.type` (NOTES §3.1) → account class, for numbers outside NS 4102
+ACCOUNT_TYPE_CLASSES: dict[str, AccountClass] = {
+    "ASSETS": "asset", "EQUITY": "equity", "LIABILITIES": "liability", "OPERATING_REVENUES": "income",
+    "OPERATING_EXPENSES": "expense", "INVESTMENT_INCOME": "income", "COST_OF_CAPITAL": "expense",
+    "TAX_ON_ORDINARY_ACTIVITIES": "expense", "EXTRAORDINARY_INCOME": "income", "EXTRAORDINARY_COST": "expense",
+    "TAX_ON_EXTRAORDINARY_ACTIVITIES": "expense", "ANNUAL_RESULT": "equity", "TRANSFERS_AND_ALLOCATIONS": "equity",
+}
 
 RATE_LIMIT = RateLimit(
     headers=RateLimitHeaders("X-Rate-Limit-Limit", "X-Rate-Limit-Remaining", "X-Rate-Limit-Reset", reset_is_delta=True),
@@ -129,8 +146,24 @@ class TripletexConnector(Connector):
             secret=True,
             description="a company's employee token, or the accounting firm's key (Regnskapskontorets brukernøkkel)",
         ),
+        Setting(
+            "reconcile",
+            "TRIPLETEX_RECONCILE",
+            required=False,
+            default="false",
+            description="true: check each month's /balanceSheet against Tripletex's /ledger totals "
+                        "(doubles the balance requests)",
+        ),
     )
     rate_limit = RATE_LIMIT
+    onboarding_fix = BilingualFix(
+        norwegian="I klientens Tripletex: gå til Regnskap → Innstillinger → Regnskapsførers tilgang og "
+                  "kryss av for API-tilgang. Regnskapsbyrået må også gi integrasjonens nøkkel Klienttilgang til "
+                  "klienten (Kunde → Kunder/Leverandører → Klienttilgang).",
+        english="In the client's Tripletex, tick API-tilgang (API access) under Regnskap → Innstillinger "
+                "→ Regnskapsførers tilgang (Accounting → Settings → Accountant's access); the accounting firm "
+                "must also give the integration's key Klienttilgang (client access) to the client.",
+    )
     uses_token_store = True  # session tokens are cached between runs (keyed by a hash of the credential)
 
     def __init__(
@@ -139,11 +172,15 @@ class TripletexConnector(Connector):
         base_url: str,
         consumer_token: str,
         employee_token: str,
+        reconcile: bool | str = False,
         session_days: int = 2,
         today: dt.date | None = None,
         **options: Any,
     ) -> None:
-        super().__init__(base_url=base_url, consumer_token=consumer_token, employee_token=employee_token, **options)
+        super().__init__(base_url=base_url, consumer_token=consumer_token, employee_token=employee_token,
+                         reconcile=reconcile, **options)
+        self.reconcile = _flag(reconcile, "TRIPLETEX_RECONCILE")
+        self._findings: dict[str, list[dict[str, Any]]] = {}  # erp_client_id → findings of its last fetch_balances
         self._today = today
         self._page_size = self.page_size or PAGE_SIZE
         self.api = self.api_client(base_url, base_url, employee_token, map_error=_map_error)
@@ -222,20 +259,63 @@ class TripletexConnector(Connector):
         accounts = []
         for row in rows:
             _require(row, ("number", "name"), "ledger/account", client.label)
+            number, kind = str(row["number"]), row.get("type")
+            # saftCode: the SAF-T standard account; groupingCode: the næringsspesifikasjon code
+            standard, category, code = saft_mapping(row.get("saftCode"), None, row.get("groupingCode"))
             accounts.append(
                 Account(
-                    account_number=str(row["number"]),
+                    account_number=number,
                     name=str(row["name"]),
-                    account_type=row.get("type"),
-                    standard_account=row.get("saftCode") or row.get("groupingCode") or None,
+                    account_type=kind,
+                    standard_account=standard,
+                    grouping_category=category,
+                    grouping_code=code,
+                    account_class=classify_account(number, kind, standard, code, type_classes=ACCOUNT_TYPE_CLASSES),
                 )
             )
         return accounts
 
     async def fetch_balances(self, client: Client, months: list[dt.date]) -> list[Balance]:
-        """One `/balanceSheet` call per month (`dateTo` is exclusive)."""
-        per_month = await gather_all(*(self._month_balances(client, month) for month in months))
+        """One `/balanceSheet` call per month (`dateTo` is exclusive). With `TRIPLETEX_RECONCILE`,
+        also one `/ledger` call per month, compared with it (`reconciliation_findings`)."""
+        ledgers = [self._month_ledger(client, month) for month in months] if self.reconcile else []
+        results = await gather_all(*(self._month_balances(client, month) for month in months), *ledgers)
+        per_month, per_month_ledger = results[:len(months)], results[len(months):]
+        if self.reconcile:
+            self._findings[client.erp_client_id] = [
+                finding for month, balances, ledger in zip(months, per_month, per_month_ledger, strict=True)
+                for finding in _ledger_findings(month, balances, ledger)
+            ]
         return [balance for month in per_month for balance in month]
+
+    async def reconciliation_findings(self, client: Client) -> list[dict[str, Any]] | None:
+        """/balanceSheet vs /ledger per account and month, from the last `fetch_balances` of the
+        client (`expected`: /ledger's total; `actual`: /balanceSheet's, the stored balance). None
+        unless `TRIPLETEX_RECONCILE` is on."""
+        return self._findings.pop(client.erp_client_id, None) if self.reconcile else None
+
+    async def _month_ledger(self, client: Client, month: dt.date) -> dict[str, tuple[Decimal, Decimal, Decimal]]:
+        """Account number → (openingBalance, sumAmount, closingBalance) of `/ledger` for the month."""
+        rows = await self._get_all(
+            "ledger",
+            {
+                "dateFrom": month.isoformat(),
+                "dateTo": add_months(month, 1).isoformat(),
+                "fields": "account(number),openingBalance,sumAmount,closingBalance",
+            },
+            username=client.erp_client_id,
+            tenant=client.label,
+            identity=_balance_account_number,
+        )
+        totals = {}
+        for row in rows:
+            _require(row, ("account", "openingBalance", "sumAmount", "closingBalance"), "ledger", client.label)
+            number = _balance_account_number(row)
+            if number is None:
+                raise BadResponse("ledger row has no account number", erp=self.erp, tenant=client.label)
+            totals[str(number)] = (kroner(row["openingBalance"]), kroner(row["sumAmount"]),
+                                   kroner(row["closingBalance"]))
+        return totals
 
     async def _month_balances(self, client: Client, month: dt.date) -> list[Balance]:
         rows = await self._get_all(
@@ -341,6 +421,48 @@ def _map_error(response: httpx.Response, body: Any, context: RequestContext) -> 
     if status in (400, 422):
         return BadResponse(f"request rejected ({detail})", erp="tripletex")
     return UpstreamError(detail, erp="tripletex")
+
+
+def _ledger_findings(
+    month: dt.date, balances: list[Balance], ledger: dict[str, tuple[Decimal, Decimal, Decimal]]
+) -> list[dict[str, Any]]:
+    """Reconciliation rows where /ledger's totals differ from /balanceSheet's. /ledger lists the
+    accounts with postings in the period; an account it leaves out must have no movement."""
+    zero = Decimal("0.00")
+    by_account = {b.account_number: (b.opening, b.movement, b.closing) for b in balances}
+    findings = []
+    for number in sorted(by_account.keys() | ledger.keys()):
+        actual = by_account.get(number, (zero, zero, zero))
+        if number in ledger:
+            compared = zip(RECONCILED_FIELDS, ledger[number], actual)
+        else:  # no postings in /ledger: only the movement is known (zero)
+            compared = [(RECONCILED_FIELDS[1], zero, actual[1])]
+        for (sheet_field, ledger_field, check), expected, value in compared:
+            if expected != value:
+                theirs = f"≠ /ledger {ledger_field} {expected}" if number in ledger else "but /ledger lists no postings"
+                findings.append({
+                    "source": RECONCILE_SOURCE,
+                    "check_name": check,
+                    "account_number": number,
+                    "period": month,
+                    "expected": expected,
+                    "actual": value,
+                    "message": f"{month:%Y-%m} account {number}: /balanceSheet {sheet_field} {value} {theirs} "
+                               f"(difference {value - expected})",
+                })
+    return findings
+
+
+def _flag(value: bool | str, variable: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{variable}={value!r} is neither true nor false", erp="tripletex",
+                      fix=f"set {variable}=true or {variable}=false")
 
 
 def _balance_account_number(row: dict[str, Any]) -> Any:

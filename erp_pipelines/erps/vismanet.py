@@ -23,7 +23,8 @@ from typing import Any
 
 import httpx
 
-from erp_pipelines.erps.base import Connector, Setting, require_fields, require_same_company
+from erp_pipelines.accounts import AccountClass, classify_account, saft_mapping
+from erp_pipelines.erps.base import BilingualFix, Connector, Setting, require_fields, require_same_company
 from erp_pipelines.erps.kit import (
     ClientCredentials,
     Page,
@@ -54,6 +55,10 @@ TOKEN_PATH = "/connect/token"
 SCOPE = "vismanet_erp_service_api:read"  # UNCONFIRMED by Visma's own docs: third-party clients use it (NOTES §2)
 PAGE_SIZE = 1000  # asked for; the server caps it at the row's metadata.maxPageSize (numbers UNCONFIRMED, NOTES §6)
 ACTUAL = "Actual"
+# `AccountDto.type` (NOTES) → account class, for numbers outside NS 4102 (Liability includes equity)
+ACCOUNT_TYPE_CLASSES: dict[str, AccountClass] = {
+    "Asset": "asset", "Liability": "liability", "Income": "income", "Expense": "expense",
+}
 # UNCONFIRMED (NOTES §5): without toggleBalanceSigns the API signs liability and income accounts credit
 # positive. Only zero-movement rows rely on it: a row with movement shows its own sign (`debit_positive`).
 CREDIT_POSITIVE_TYPES = frozenset({"Liability", "Income"})
@@ -102,6 +107,13 @@ class VismaNetConnector(Connector):
                 "with our invitation code"),
     )
     rate_limit = RATE_LIMIT
+    onboarding_fix = BilingualFix(
+        norwegian="Selskapet må aktivere appen vår i Visma App Store med invitasjonskoden vi har sendt, "
+                  "og vår Visma.net-bruker må ha rollen «API User» (det kan ta 10–15 minutter før det virker).",
+        english="The company must activate our app in the Visma App Store with the invitation code we "
+                "sent, and our Visma.net user there needs the role \"API User\" (it can take 10-15 minutes to "
+                "apply).",
+    )
     uses_token_store = True  # access tokens are reused across runs until they expire
 
     def __init__(self, *, base_url: str, connect_url: str, client_id: str, client_secret: str, tenant_ids: str,
@@ -166,6 +178,7 @@ class VismaNetConnector(Connector):
             name, org_number = await self._identity(tenant_id, f"tenant {tenant_id}")
         except ClientAccessError as exc:
             log.warning("vismanet tenant %s is refused: %s", tenant_id, exc)
+            self.refused_clients[tenant_id] = exc
             return None
         except (UpstreamError, RateLimited, BadResponse) as exc:
             log.warning("vismanet tenant %s could not be described now: %s", tenant_id, exc)
@@ -196,8 +209,12 @@ class VismaNetConnector(Connector):
         for row in rows:
             require_fields(row, ("accountCD", "description"), where="GET /v1/account", erp=self.erp,
                            tenant=client.label)
-            accounts.append(Account(account_number=str(row["accountCD"]), name=str(row["description"]),
-                                    account_type=row.get("type"), standard_account=row.get("publicCode1") or None))
+            number, kind = str(row["accountCD"]), row.get("type")
+            standard, category, code = saft_mapping(row.get("publicCode1"))  # the SAF-T code (NOTES)
+            accounts.append(Account(account_number=number, name=str(row["description"]), account_type=kind,
+                                    standard_account=standard, grouping_category=category, grouping_code=code,
+                                    account_class=classify_account(number, kind, standard, code,
+                                                                   type_classes=ACCOUNT_TYPE_CLASSES)))
         return accounts
 
     async def fetch_balances(self, client: Client, months: list[dt.date]) -> list[Balance]:

@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from erp_pipelines.erps.base import Connector, Setting, require_fields
+from erp_pipelines.erps.base import BilingualFix, Connector, Setting, require_fields
 from erp_pipelines.erps.kit import (
     GraphQLCursor,
     QueryBook,
@@ -127,6 +127,14 @@ class XledgerConnector(Connector):
                 description="the group (konsern) entity's dbId; its sub-entities are the clients"),
     )
     rate_limit = RATE_LIMIT
+    onboarding_fix = BilingualFix(
+        norwegian="I Xledger må integrasjonsbrukeren (den som eier API-tokenet) ha rettigheter til denne "
+                  "enheten: lesetilgang til hovedbok (Administrasjon → Systemtilgang → GraphQL → API-tokens), og "
+                  "enheten må ligge under konsernenheten (XLEDGER_GROUP_ENTITY_ID).",
+        english="In Xledger, the integration user (the API token's owner) needs rights to this entity: "
+                "General Ledger read access (Administration → System Access → GraphQL → API tokens), and the "
+                "entity must be under the group entity (XLEDGER_GROUP_ENTITY_ID).",
+    )
     sensor_interval_seconds = 6 * 3600  # the entity list costs requests of the monthly allowance
 
     def __init__(self, *, base_url: str, api_token: str, group_entity_id: str, **options: Any) -> None:
@@ -309,6 +317,7 @@ class XledgerConnector(Connector):
             if fiscal_year_start(months[0], start).year >= from_year:
                 break
             from_year = fiscal_year_start(months[0], start).year  # the identity told a longer year
+        self.fiscal_year_starts[entity] = start
         return monthly_balances(_own(nodes, entity, "Xledger accountBalances", client.label), months, start,
                                 tenant=client.label)
 

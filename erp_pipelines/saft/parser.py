@@ -16,12 +16,25 @@ from pathlib import Path
 from lxml import etree
 
 from erp_pipelines.model import normalise_tenant_id
-from erp_pipelines.saft.records import NAMESPACE, SaftAccount, SaftFileRejected, SaftHeader
-from erp_pipelines.saft.safety import check_envelope, iterparse, open_xml, refuse_doctype
-from erp_pipelines.saft.schemas import DEFAULT_VERSION, declared_version, local_name, version_hint
+from erp_pipelines.saft.records import (
+    CONTAINS_DTD,
+    MALFORMED,
+    NAMESPACE,
+    NOT_SAFT,
+    SaftAccount,
+    SaftFileRejected,
+    SaftHeader,
+)
+from erp_pipelines.saft.safety import (
+    check_envelope,
+    iterparse,
+    open_xml,
+    refuse_doctype,
+    refuse_unless_saft_root,
+)
+from erp_pipelines.saft.schemas import DEFAULT_VERSION, declared_version, version_hint
 
 ZERO = Decimal(0)
-CASH_REGISTER_NAMESPACE = "urn:StandardAuditFile-Taxation-CashRegister:NO"
 
 
 def q(name: str) -> str:
@@ -91,7 +104,7 @@ def read_header(path: str | Path) -> SaftHeader:
         try:
             header, version = _scan_header(path, iterparse(stream, events=("start", "end")))
         except etree.XMLSyntaxError as exc:
-            raise SaftFileRejected(path, parser_refusal(str(exc))) from None
+            raise SaftFileRejected(path, parser_refusal(str(exc)), code=parser_refusal_code(str(exc))) from None
     return _header_record(path, header, version)
 
 
@@ -101,7 +114,7 @@ def _scan_header(path: Path, events) -> tuple[etree._Element, str]:
     for event, element in events:
         if root is None:
             root = element
-            _check_root(path, element)
+            refuse_unless_saft_root(path, element.tag)
             continue
         if event != "end":
             continue
@@ -117,24 +130,8 @@ def _scan_header(path: Path, events) -> tuple[etree._Element, str]:
         if header is not None and version:
             break
     if header is None:
-        raise SaftFileRejected(path, "the file has no AuditFile/Header")
+        raise SaftFileRejected(path, "the file has no AuditFile/Header", code=NOT_SAFT)
     return header, version or DEFAULT_VERSION
-
-
-def _check_root(path: Path, root: etree._Element) -> None:
-    if root.tag == AUDIT_FILE:
-        return
-    namespace = root.tag[1:].partition("}")[0] if root.tag.startswith("{") else ""
-    if namespace == CASH_REGISTER_NAMESPACE:
-        reason = "this is a SAF-T Cash Register file, not a SAF-T Financial file"
-    elif local_name(root.tag) == "AuditFile":
-        reason = (
-            f"its elements are not in the SAF-T Financial namespace {NAMESPACE} "
-            f"(they are in {namespace or 'no namespace'})"
-        )
-    else:
-        reason = f"not a SAF-T Financial file (root element {local_name(root.tag)!r})"
-    raise SaftFileRejected(path, reason)
 
 
 def _text(element: etree._Element, path: str) -> str:
@@ -383,16 +380,22 @@ def _syntax_rejection(path: Path, error_log, result: ParsedFile, validating: boo
             errors=[entry.message for entry in schema_errors[:5]],
         )
     entries = [entry for entry in error_log if entry.message][:5]
+    message = " ".join(entry.message for entry in entries)
     return SaftFileRejected(
         path,
-        parser_refusal(" ".join(entry.message for entry in entries)),
+        parser_refusal(message),
         company=result.header.company_label,
         errors=[f"line {entry.line}: {entry.message}" for entry in entries],
+        code=parser_refusal_code(message),
     )
 
 
 def parser_refusal(message: str) -> str:
     """The reason for a libxml2 parse failure, naming entity-expansion attacks as such."""
-    if "amplification" in message or "entity reference loop" in message:
+    if parser_refusal_code(message) == CONTAINS_DTD:
         return f"the XML parser refused an entity expansion (a billion-laughs style DTD): {message}"
     return f"not well-formed XML ({message})"
+
+
+def parser_refusal_code(message: str) -> str:
+    return CONTAINS_DTD if "amplification" in message or "entity reference loop" in message else MALFORMED

@@ -3,11 +3,13 @@ error raised when a file is refused. Amounts are `Decimal` NOK, debit positive (
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
+from erp_pipelines.accounts import saft_mapping
 from erp_pipelines.errors import BadResponse
 from erp_pipelines.model import Account, Balance
 
@@ -24,11 +26,30 @@ FIX_ORG_NUMBER = (
     "then re-export the SAF-T file"
 )
 
+# why a dropped file was not imported (the `reason` of `SaftFileRejected` and of the warehouse's
+# `refused_files` rows) → the fix shown with it
+NOT_XML, NOT_SAFT, TRUNCATED, MALFORMED, INVALID = "not_xml", "not_saft", "truncated", "malformed", "invalid"
+CONTAINS_DTD, BAD_ZIP, INVALID_ORG_NUMBER = "contains_dtd", "bad_zip", "invalid_org_number"
+IGNORED_TYPE = "ignored_type"  # not .xml/.zip: listed, never read
+FIXES = {
+    NOT_XML: "this is not an XML file (a CSV, Excel or PDF export renamed?): export SAF-T Financial (XML) "
+    "from the ERP and drop that file in instead",
+    NOT_SAFT: "this XML is not a SAF-T Financial file: export SAF-T Financial (not Cash Register or another "
+    "XML format) from the ERP and drop that file in instead",
+    TRUNCATED: "the file was cut off while being copied or exported: copy it again, or re-export it",
+    MALFORMED: REEXPORT,
+    INVALID: REEXPORT,
+    CONTAINS_DTD: REEXPORT,
+    BAD_ZIP: "zip exactly one SAF-T Financial .xml file per .zip, or drop the .xml itself",
+    INVALID_ORG_NUMBER: FIX_ORG_NUMBER,
+    IGNORED_TYPE: "only .xml and .zip files are imported: move other files out of the drop folder",
+}
+
 
 class SaftFileRejected(BadResponse):
     """A SAF-T file that cannot be imported. Nothing from it is returned.
 
-    `errors` holds the first few problems as "path: reason" lines (XSD errors, parse errors)."""
+    `code` says why (`FIXES`' keys: not_xml, not_saft, truncated, malformed, invalid, ...); `errors` holds the first few problems as "path: reason" lines (XSD errors, parse errors)."""
 
     def __init__(
         self,
@@ -37,15 +58,33 @@ class SaftFileRejected(BadResponse):
         *,
         company: str | None = None,
         errors: tuple[str, ...] | list[str] = (),
-        fix: str = REEXPORT,
+        fix: str | None = None,
+        code: str = INVALID,
     ):
         self.source_file = Path(source_file)
         self.reason = reason
+        self.code = code  # one of FIXES' keys
+        fix = fix or FIXES[code]
         self.errors = tuple(errors)
         message = f"SAF-T file {self.source_file.name!r} refused: {reason}"
         if self.errors:
             message += "\n" + "\n".join(f"  - {line}" for line in self.errors) + "\n"
         super().__init__(message, erp="saft", tenant=company, fix=fix)
+
+
+@dataclass(frozen=True)
+class RefusedFile:
+    """A dropped file that was not imported, and why: a row of the warehouse's `refused_files`.
+    Never holds the file's content."""
+
+    file_name: str
+    fingerprint: str  # sha256 of the content (of the XML inside, for a zip)
+    reason: str  # a key of FIXES
+    message: str
+    fix: str
+
+    def as_row(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -89,17 +128,11 @@ class SaftAccount:
     opening: Decimal  # at the start of the file's selection
     closing: Decimal  # at its end
 
-    @property
-    def standard_account(self) -> str | None:
-        """`StandardAccountID` (1.20), else "GroupingCategory:GroupingCode" (1.30)."""
-        if self.standard_account_id:
-            return self.standard_account_id
-        if self.grouping_category or self.grouping_code:
-            return f"{self.grouping_category or ''}:{self.grouping_code or ''}"
-        return None
-
     def to_account(self) -> Account:
-        return Account(self.account_id, self.description, self.account_type, self.standard_account)
+        """The canonical account: a 4-digit `StandardAccountID` in `standard_account`; a 2-digit one
+        and the 1.30 grouping in `grouping_category`/`grouping_code`; the class from the number."""
+        standard, category, code = saft_mapping(self.standard_account_id, self.grouping_category, self.grouping_code)
+        return Account(self.account_id, self.description, self.account_type, standard, category, code)
 
 
 @dataclass(frozen=True)

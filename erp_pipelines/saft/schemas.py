@@ -33,7 +33,7 @@ from xml.etree.ElementTree import ParseError
 import xmlschema
 from lxml import etree
 
-from erp_pipelines.saft.records import NAMESPACE, VERSION_1_20, VERSION_1_30, SaftFileRejected
+from erp_pipelines.saft.records import MALFORMED, NAMESPACE, VERSION_1_20, VERSION_1_30, SaftFileRejected
 from erp_pipelines.saft.safety import open_xml
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -134,7 +134,7 @@ def xmlschema_errors(path: str | Path, version: str, limit: int = MAX_LISTED_ERR
                 if len(errors) >= limit:
                     break
         except (ParseError, etree.XMLSyntaxError) as exc:
-            raise SaftFileRejected(path, f"not well-formed XML ({exc})") from None
+            raise SaftFileRejected(path, f"not well-formed XML ({exc})", code=MALFORMED) from None
         except xmlschema.XMLResourceError as exc:
-            raise SaftFileRejected(path, f"refused by the XML reader ({exc})") from None
+            raise SaftFileRejected(path, f"refused by the XML reader ({exc})", code=MALFORMED) from None
     return errors

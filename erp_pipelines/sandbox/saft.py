@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
+import shutil
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -128,11 +129,20 @@ def write_demo_drop(drop_dir: str | Path, *, seed: int = 4711) -> list[Path]:
         write_saft_file(second, drop_dir / f"SAF-T_{second.org_number}_2025.xml", VERSION_1_30, 2025),
     ]
     xml = write_saft_file(third, drop_dir / f"SAF-T_{third.org_number}_2025.xml", VERSION_1_30, 2025)
-    archive = xml.with_suffix(".zip")
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
-        zipped.write(xml, xml.name)
+    archive = zip_file(xml)
     xml.unlink()
     return [*paths, archive]
+
+
+def zip_file(xml: Path, *, member_time: tuple[int, ...] = (2026, 1, 1, 0, 0, 0)) -> Path:
+    """`xml` zipped next to it (same name, .zip). A fixed member timestamp: the same XML always gives
+    the same zip (the importer fingerprints the XML inside either way)."""
+    archive = xml.with_suffix(".zip")
+    member = zipfile.ZipInfo(xml.name, date_time=member_time)
+    member.compress_type = zipfile.ZIP_DEFLATED
+    with zipfile.ZipFile(archive, "w") as zipped, open(xml, "rb") as source, zipped.open(member, "w") as target:
+        shutil.copyfileobj(source, target, 1 << 20)
+    return archive
 
 
 def _file_months(

@@ -19,6 +19,7 @@ Usage in tests::
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=sandbox.app), base_url="http://tripletex.test/v2")
     sandbox.set_api_access(80_002, False)           # this client answers 403 / 9000
     sandbox.faults.server_error(503, times=2, tenant="80_001")
+    sandbox.skew_ledger(80_001, 1920, 12_345, dt.date(2026, 2, 10))  # /ledger disagrees from then on
 """
 
 from __future__ import annotations
@@ -114,6 +115,10 @@ MODEL_FIELDS: dict[str, tuple[str, ...]] = {
         "employeeId actualEmployeeId employee companyId company language loggedInWithConnect employeeIsProxy"
     ),
     "BalanceSheetAccount": _names("account balanceIn balanceChange balanceOut startDate endDate"),
+    "LedgerAccount": _names(
+        "account sumAmount currency sumAmountCurrency openingBalance openingBalanceCurrency closingBalance "
+        "closingBalanceCurrency balanceOutInAccountCurrency postings"
+    ),
     "Employee": _names(
         "id version changes url firstName lastName displayName employeeNumber dateOfBirth email "
         "phoneNumberMobileCountry phoneNumberMobile phoneNumberHome phoneNumberWork nationalIdentityNumber "
@@ -393,6 +398,7 @@ class TripletexState:
         self.sessions: dict[str, Session] = {}
         self.session_ids = itertools.count(1001)
         self.paging_mutations: list[PagingMutation] = []
+        self.ledger_skews: dict[int, list[Posting]] = {}  # client id → postings only GET /ledger sees
 
 
 # ---------------------------------------------------------------------------------------- the sandbox
@@ -576,6 +582,25 @@ class TripletexSandbox(Simulator):
         with self.state.lock:
             self.state.paging_mutations.append(mutation)
         return mutation
+
+    def skew_ledger(self, client_id: int, account: int, amount_ore: int, day: dt.date) -> None:
+        """Fault: GET /ledger of the client counts one more posting (`amount_ore` on `account` on
+        `day`) that /balanceSheet does not, so the two disagree from that day on."""
+        with self.state.lock:
+            self._client_access(client_id)
+            tenant = self.state.tenants[int(client_id)]
+            pnl = {a.number: a.is_profit_and_loss for a in tenant.accounts}
+            if int(account) not in pnl:
+                raise ValueError(f"client {client_id} has no account {account}")
+            skews = self.state.ledger_skews.setdefault(int(client_id), [])
+            skews.append((day, int(account), int(amount_ore), pnl[int(account)]))
+
+    def clear_ledger_skews(self, client_id: int | None = None) -> None:
+        with self.state.lock:
+            if client_id is None:
+                self.state.ledger_skews.clear()
+            else:
+                self.state.ledger_skews.pop(int(client_id), None)
 
     def clear_paging_mutations(self) -> None:
         with self.state.lock:
@@ -929,15 +954,7 @@ class TripletexSandbox(Simulator):
     async def balance_sheet(self, request: Request) -> Response:
         caller = self._authenticate(request)
         params = request.query_params
-        missing = [(name, "Kan ikke være null.") for name in ("dateFrom", "dateTo") if not params.get(name)]
-        if missing:
-            raise validation_error(21000, *missing)
-        date_from, date_to = _parse_date(params["dateFrom"]), _parse_date(params["dateTo"])
-        if date_from is None or date_to is None:
-            bad = "dateFrom" if date_from is None else "dateTo"
-            raise validation_error(21000, (bad, "Må være en gyldig dato (YYYY-MM-DD)."))
-        if date_to <= date_from:
-            raise validation_error(18000, ("dateTo", "dateTo is exclusive and must be after dateFrom."))
+        date_from, date_to = _date_window(params)
         number_from = _int_param(params, "accountNumberFrom", None)
         number_to = _int_param(params, "accountNumberTo", None)  # exclusive
         with_unmoved = _bool_param(params, "includeActiveAccountsWithoutMovements") or False
@@ -959,6 +976,44 @@ class TripletexSandbox(Simulator):
             return self._balance_row(account, 0, 0, date_from, date_to)
 
         return self._list_response(request, "/balanceSheet", rows, caller, phantom)
+
+    async def ledger_search(self, request: Request) -> Response:
+        """The general ledger per account: the accounts with postings in [dateFrom, dateTo), with
+        opening balance, sum and closing balance (NOTES §3.3)."""
+        caller = self._authenticate(request)
+        params = request.query_params
+        date_from, date_to = _date_window(params)
+        account_id = _int_param(params, "accountId", None)
+        tenant = caller.tenant
+        with self.state.lock:
+            skews = list(self.state.ledger_skews.get(tenant.erp_client_id, ()))
+        postings = self._postings(tenant)
+        if skews:
+            postings = tuple(sorted(postings + tuple(skews), key=lambda line: line[0]))
+        posted = {number for day, number, _, _ in postings if date_from <= day < date_to}
+        window = balance_window(tenant, date_from, date_to, postings)
+        accounts = {n.data["number"]: n for n in self._accounts(request, tenant)}
+        rows = [self._ledger_row(request, accounts[number], opening, movement)
+                for number, (opening, movement) in sorted(window.items())
+                if number in posted and (account_id is None or accounts[number].data["id"] == account_id)]
+
+        def phantom() -> Node:
+            account = self._account_node(request, tenant, 1000, "Forskning og utvikling", "ASSETS")
+            return self._ledger_row(request, account, 0, 0)
+
+        return self._list_response(request, "/ledger", rows, caller, phantom)
+
+    def _ledger_row(self, request: Request, account: Node, opening: int, movement: int) -> Node:
+        base = self._base(request)
+        amounts = {"openingBalance": kroner(opening), "sumAmount": kroner(movement),
+                   "closingBalance": kroner(opening + movement)}
+        return Node("LedgerAccount", {
+            "account": account,
+            **amounts,
+            **{f"{name}Currency": amount for name, amount in amounts.items()},  # NOK accounts: the same
+            "balanceOutInAccountCurrency": amounts["closingBalance"],
+            "currency": Node("Currency", {"id": 1, "url": f"{base}/currency/1", "code": "NOK"}),
+        })
 
     def _postings(self, tenant: TruthTenant) -> tuple[Posting, ...]:
         cached = self._postings_cache.get(tenant.erp_client_id)
@@ -989,6 +1044,7 @@ class TripletexSandbox(Simulator):
             Route("/ledger/account", self.account_search, methods=["GET"]),
             Route("/ledger/account/{id}", self.account_get, methods=["GET"]),
             Route("/balanceSheet", self.balance_sheet, methods=["GET"]),
+            Route("/ledger", self.ledger_search, methods=["GET"]),
         ]
 
     async def _api_error_response(self, request: Request, exc: Exception) -> Response:
@@ -1068,6 +1124,11 @@ class TripletexSandbox(Simulator):
                   client_action(lambda cid, body: self.impersonate(cid, _require_int(body, "as"))), methods=["PUT"]),
             Route("/clients/{id}/impersonate", client_action(lambda cid, body: self.stop_impersonating(cid)),
                   methods=["DELETE"]),
+            Route("/clients/{id}/ledger-skew", client_action(lambda cid, body: self.skew_ledger(
+                      cid, _require_int(body, "account", "an account number"), _require_int(body, "amount_ore", "øre"),
+                      _require_date(body, "date"))), methods=["POST"]),
+            Route("/clients/{id}/ledger-skew", client_action(lambda cid, body: self.clear_ledger_skews(cid)),
+                  methods=["DELETE"]),
             Route("/sessions/expire", expire_sessions, methods=["POST"]),
             Route("/paging-mutations", add_paging_mutation, methods=["POST"]),
             Route("/paging-mutations", clear_paging_mutations, methods=["DELETE"]),
@@ -1075,7 +1136,7 @@ class TripletexSandbox(Simulator):
         ]
 
 
-PAGED_PATHS = {"/ledger/account", "/balanceSheet", "/company/>withLoginAccess"}
+PAGED_PATHS = {"/ledger/account", "/balanceSheet", "/ledger", "/company/>withLoginAccess"}
 ADMIN_BASE = f"{ADMIN_PREFIX}/{TripletexSandbox.erp}"
 
 
@@ -1115,6 +1176,20 @@ def balance_window(tenant: TruthTenant, date_from: dt.date, date_to: dt.date,
 
 
 # ---------------------------------------------------------------------------------------- parameters
+
+
+def _date_window(params) -> tuple[dt.date, dt.date]:
+    """The required `dateFrom` (inclusive) and `dateTo` (exclusive) of a period query."""
+    missing = [(name, "Kan ikke være null.") for name in ("dateFrom", "dateTo") if not params.get(name)]
+    if missing:
+        raise validation_error(21000, *missing)
+    date_from, date_to = _parse_date(params["dateFrom"]), _parse_date(params["dateTo"])
+    if date_from is None or date_to is None:
+        bad = "dateFrom" if date_from is None else "dateTo"
+        raise validation_error(21000, (bad, "Må være en gyldig dato (YYYY-MM-DD)."))
+    if date_to <= date_from:
+        raise validation_error(18000, ("dateTo", "dateTo is exclusive and must be after dateFrom."))
+    return date_from, date_to
 
 
 def _parse_date(text: str | None) -> dt.date | None:
@@ -1158,10 +1233,17 @@ def _path_int(request: Request, name: str) -> int:
         raise TripletexApiError(400, 12000, "Illegal path parameter", f"{name}={raw} is not a number") from None
 
 
-def _require_int(body: dict[str, Any], name: str) -> int:
+def _require_int(body: dict[str, Any], name: str, what: str = "a client id") -> int:
     if not isinstance(body.get(name), int) or isinstance(body.get(name), bool):
-        raise TypeError(f"body needs {name!r}: a client id")
+        raise TypeError(f"body needs {name!r}: {what}")
     return body[name]
+
+
+def _require_date(body: dict[str, Any], name: str) -> dt.date:
+    day = _parse_date(body.get(name)) if isinstance(body.get(name), str) else None
+    if day is None:
+        raise TypeError(f"body needs {name!r}: a date YYYY-MM-DD")
+    return day
 
 
 def _require_bool(body: dict[str, Any], name: str) -> bool:

@@ -16,6 +16,7 @@ from tripletex_support import (
 )
 
 from erp_pipelines import quality
+from erp_pipelines.defs.assets import tenant_failure_messages
 from erp_pipelines.defs.runs import RANGE_END, RANGE_START
 from erp_pipelines.model import add_months
 from erp_pipelines.sandbox.ledger import CHART
@@ -80,22 +81,24 @@ def test_default_window_is_previous_and_current_month(tripletex):
     assert periods == [(add_months(THIS_MONTH, -1),), (THIS_MONTH,)]
 
 
-def test_missing_api_tilgang_fails_only_that_tenant_with_the_fix(tripletex):
+def test_missing_api_tilgang_skips_only_that_tenant_with_the_fix(tripletex):
     materialize_clients(tripletex)
     keys = tripletex.instance.get_dynamic_partitions("tripletex_tenants")
     blocked = tripletex.ledger.valid_tenants[2]
     tripletex.admin.put(f"/clients/{blocked.erp_client_id}/api-access", json={"enabled": False}).raise_for_status()
 
     result = materialize_tenants(tripletex, keys[0], keys[-1])
-    assert not result.success
-    failure = next(e for e in result.all_events if e.is_step_failure and e.step_key == "tripletex__balances")
-    message = failure.step_failure_data.user_failure_data.description
+    assert result.success  # a business failure: the client must act, nothing is broken
+    (observation,) = [e.asset_observation_data.asset_observation for e in result.all_events
+                      if e.is_asset_observation and e.step_key == "tripletex__balances"]
+    assert observation.partition == blocked.org_number
+    message = observation.description
     assert f"{blocked.name} (orgnr {blocked.org_number}" in message
     assert "Regnskap → Innstillinger → Regnskapsførers tilgang and tick API-tilgang" in message
     assert "Klienttilgang" in message
 
     materialized, failed = partition_status(tripletex, BALANCES)
-    assert failed == {blocked.org_number}
+    assert failed == set()
     assert materialized == set(keys) - {blocked.org_number}
     assert landed_balances(tripletex.warehouse, blocked.org_number) == []
     for tenant in tripletex.ledger.valid_tenants:
@@ -217,14 +220,14 @@ def test_daily_schedule_covers_active_tenants_in_few_chunked_runs(tripletex):
     assert landed == set(keys) - {revoked.org_number}
 
 
-def test_revoked_tenant_partition_fails_with_a_clear_reason(tripletex):
+def test_revoked_tenant_partition_is_skipped_with_a_clear_reason(tripletex):
     materialize_clients(tripletex)
     tenant = tripletex.ledger.valid_tenants[0]
     tripletex.admin.post(f"/clients/{tenant.erp_client_id}/revoke").raise_for_status()
     materialize_clients(tripletex)
     result = materialize_tenants(tripletex, tenant.org_number, tenant.org_number)
-    assert not result.success
-    failure = next(e for e in result.all_events if e.is_step_failure)
-    message = str(failure.step_failure_data.user_failure_data.description)
+    assert result.success and not result.get_asset_materialization_events()
+    assert not result.get_asset_check_evaluations()  # nothing landed: no check "passed" over no tenants
+    (message,) = set(tenant_failure_messages(result.all_events))  # the same on accounts and balances
     assert f"{tenant.name} (orgnr {tenant.org_number}, tripletex client {tenant.erp_client_id}) is revoked" in message
     assert "Fix: the client must grant the integration access again" in message

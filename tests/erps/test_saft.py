@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
+import hashlib
 import os
 import re
 import time
@@ -27,7 +28,13 @@ from erp_pipelines.model import Balance, ClientStatus, classify_clients, months_
 from erp_pipelines.saft import codelists
 from erp_pipelines.saft.safety import iterparse
 from erp_pipelines.sandbox.ledger import CHART, TruthTenant, generate_ledger
-from erp_pipelines.sandbox.saft import GROUPING_1_30, STANDARD_ACCOUNT_1_20, write_demo_drop, write_saft_file
+from erp_pipelines.sandbox.saft import (
+    GROUPING_1_30,
+    STANDARD_ACCOUNT_1_20,
+    write_demo_drop,
+    write_saft_file,
+    zip_file,
+)
 
 EXAMPLES = Path(__file__).parent / "saft_examples"
 EXAMPLE_888 = EXAMPLES / "ExampleFile SAF-T Financial_888888888_20180228235959.xml"
@@ -180,20 +187,25 @@ def test_official_999999999_imports_with_its_placeholder_balances_reported():
     }
 
 
-def test_standard_account_mappings_reach_account_standard_account(tmp_path):
+def test_standard_account_mappings_reach_their_own_columns(tmp_path):
     chart_120 = {a.account_number: a for a in import_file(EXAMPLE_888).chart}
-    assert chart_120["1920"].standard_account == "19" and chart_120["3000"].standard_account == "30"
+    mapping = {n: (a.standard_account, a.grouping_category, a.grouping_code) for n, a in chart_120.items()}
+    assert mapping["1920"] == (None, "StandardAccountID", "19")  # a 2-digit StandardAccountID is no 4-digit one
+    assert mapping["3000"] == (None, "StandardAccountID", "30")
     assert chart_120["1920"].account_type == "GL" and chart_120["1920"].name == "Bankinnskudd"
+    assert chart_120["1920"].account_class == "asset" and chart_120["3000"].account_class == "income"
     generated = {
         version: {
-            a.account_number: a.standard_account
+            a.account_number: (a.standard_account, a.grouping_category, a.grouping_code, a.account_class)
             for a in import_file(write_saft_file(tenant(), tmp_path / f"{version}.xml", version)).chart
         }
         for version in ("1.20", "1.30")
     }
-    assert generated["1.20"]["1920"] == "1920" and generated["1.20"]["5180"] == "5092"
-    assert generated["1.30"]["1920"] == "balanseverdiForOmloepsmiddel:1920"
-    assert generated["1.30"]["6900"] == "annenDriftskostnad:6995"
+    assert generated["1.20"]["1920"] == ("1920", None, None, "asset")
+    assert generated["1.20"]["5180"] == ("5092", None, None, "expense")
+    assert generated["1.30"]["1920"] == (None, "balanseverdiForOmloepsmiddel", "1920", "asset")
+    assert generated["1.30"]["6900"] == (None, "annenDriftskostnad", "6995", "expense")
+    assert generated["1.30"]["3000"] == (None, "salgsinntekt", "3000", "income")
 
 
 def test_generator_mappings_exist_in_the_code_lists():
@@ -659,3 +671,172 @@ def test_connector_class_contract():
         SaftConnector.rate_limit.max_in_flight,
         SaftConnector.rate_limit.source,
     ) == (None, 1, "files")
+
+
+# ---------------------------------------------------------------------------------------- refused files
+
+CSV = "Konto;Navn;Saldo\n1920;Bankinnskudd Fjordkraft;724407,00\n"
+UBL = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n'
+    '<Invoice xmlns="urn:oasis:names:specification:ubl:schema:xsd:Invoice-2"><ID>1</ID></Invoice>\n'
+)
+
+
+def write_refusable(folder: Path) -> dict[str, str]:
+    """One file per refusal reason (and a good one, good.xml) in `folder`: file name → expected reason.
+    Listing refuses the first three; spliced.xml (tenant 4) and invalid.xml (tenant 2) have readable
+    headers and are refused when imported."""
+    good = write_saft_file(tenant(0), folder / "good.xml")
+    data = good.read_bytes()
+    (folder / "ledger.csv.xml").write_text(CSV, encoding="utf-8")
+    (folder / "invoice.xml").write_text(UBL, encoding="utf-8")
+    (folder / "cut.xml").write_bytes(data[: len(data) // 2])
+    other = write_saft_file(tenant(4), folder / "spliced.xml").read_bytes()
+    (folder / "spliced.xml").write_bytes(other[: len(other) // 2] + b"\n</AuditFile>\n")
+    invalid = write_saft_file(tenant(2), folder / "invalid.xml")
+    edit(invalid, invalid, ("<AccountType>GL</AccountType>", "<AccountType>XX</AccountType>"))
+    return {
+        "ledger.csv.xml": "not_xml",
+        "invoice.xml": "not_saft",
+        "cut.xml": "truncated",
+        "spliced.xml": "malformed",
+        "invalid.xml": "invalid",
+    }
+
+
+IMPORT_TIME = ("spliced.xml", "invalid.xml")
+
+
+def test_each_refusal_has_its_true_reason_and_fix(tmp_path):
+    expected = write_refusable(tmp_path)
+    fixes = {}
+    for name, reason in expected.items():
+        with pytest.raises(SaftFileRejected) as refused:
+            import_file(tmp_path / name)
+        assert (name, refused.value.code) == (name, reason)
+        assert name in str(refused.value) and refused.value.fix
+        fixes[reason] = refused.value
+    assert "not XML" in fixes["not_xml"].detail and "truncated" not in fixes["not_xml"].detail
+    assert "root element 'Invoice'" in fixes["not_saft"].detail
+    assert "CSV" in fixes["not_xml"].fix and "SAF-T Financial" in fixes["not_saft"].fix
+    assert "does not end with the closing </AuditFile> tag" in fixes["truncated"].detail
+    assert "copy it again" in fixes["truncated"].fix
+    assert "1.30 XSD" in fixes["invalid"].detail and "AccountType" in fixes["invalid"].errors[0]
+    assert "Bankinnskudd" not in fixes["not_xml"].detail  # a refusal never quotes the content
+    assert import_file(tmp_path / "good.xml").header.org_number == tenant(0).org_number
+
+
+def test_connector_lists_refused_and_ignored_files_and_logs_them(tmp_path, caplog):
+    expected = write_refusable(tmp_path)
+    (tmp_path / "notes.txt").write_text("ring regnskapsfører")
+    (tmp_path / "report.pdf").write_bytes(b"%PDF-1.4\n")
+    connector = SaftConnector(tmp_path)
+    with caplog.at_level("WARNING", logger="erp_pipelines.erps.saft"):
+        clients = run(connector.list_clients())
+    # the spliced and the invalid file's headers are readable: they are listed, and refused when imported
+    assert sorted(c.erp_client_id for c in clients) == sorted(tenant(i).org_number for i in (0, 2, 4))
+    listed_refusals = {k: v for k, v in expected.items() if k not in IMPORT_TIME}
+    assert {r.file_name: r.reason for r in connector.refused_files} == listed_refusals
+    assert {(r.file_name, r.reason) for r in connector.ignored_files} == {
+        ("notes.txt", "ignored_type"),
+        ("report.pdf", "ignored_type"),
+    }
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    for name in [*listed_refusals, "notes.txt", "report.pdf"]:
+        assert name in logged
+    assert "[not_xml]" in logged and "Fix:" in logged
+
+    by_org = {c.org_number: c for c in clients}
+    good, invalid, spliced = (by_org[tenant(i).org_number] for i in (0, 2, 4))
+    with pytest.raises(SaftFileRejected) as refused:
+        run(connector.fetch_balances(invalid, MONTHS_2025))
+    assert refused.value.code == "invalid" and invalid.org_number in refused.value.tenant
+    with pytest.raises(SaftFileRejected, match="not well-formed XML"):
+        run(connector.fetch_accounts(spliced))
+    assert {r.file_name: r.reason for r in connector.refused_files} == expected
+    assert by_key(run(connector.fetch_balances(good, MONTHS_2025))) == truth_balances(tenant(0), MONTHS_2025)
+    # the import's refusal stays listed while the file is unchanged
+    run(connector.list_clients())
+    assert connector.file_refusals["invalid.xml"].reason == "invalid"
+
+
+def test_refused_and_ignored_files_land_in_the_warehouse(tmp_path):
+    from erp_pipelines.erps.extract import BALANCES
+    from erp_pipelines.pipeline import load_tenants, refresh_clients
+    from erp_pipelines.warehouse import Warehouse
+
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    expected = write_refusable(drop)
+    (drop / "notes.txt").write_text("ring regnskapsfører")
+    warehouse = Warehouse(tmp_path / "w.duckdb")
+
+    async def refresh():
+        return await refresh_clients(SaftConnector(drop), warehouse)
+
+    listed, change = run(refresh())
+    assert change.counts["files_refused"] == 3 and change.counts["files_ignored"] == 1
+    rows = {r["file_name"]: r for r in warehouse.refused_files("saft")}
+    assert {name: r["reason"] for name, r in rows.items()} == {
+        **{k: v for k, v in expected.items() if k not in IMPORT_TIME},
+        "notes.txt": "ignored_type",
+    }
+    csv = rows["ledger.csv.xml"]
+    assert csv["erp"] == "saft" and "ledger.csv.xml" in csv["message"] and "CSV" in csv["fix"]
+    assert csv["fingerprint"] == hashlib.sha256(CSV.encode()).hexdigest()
+    assert not any("Bankinnskudd" in str(v) for r in rows.values() for v in r.values())
+
+    async def load():
+        connector = SaftConnector(drop)
+        return [b async for b in load_tenants(connector, warehouse, [c for c in listed if c.is_active],
+                                              what=(BALANCES,), months=MONTHS_2025)]
+
+    batches = run(load())
+    assert [e.client.org_number for b in batches for e in b.loaded] == [tenant(0).org_number]
+    assert sorted(e.client.org_number for b in batches for e in b.failed) == sorted(
+        tenant(i).org_number for i in (2, 4)
+    )
+    assert warehouse.query("SELECT count(*) FROM balances WHERE org_number = ?", [tenant(0).org_number]) == [
+        (len([b for b in truth_balances(tenant(0), MONTHS_2025) if not b.is_zero]),)
+    ]
+    after_load = {r["file_name"]: r for r in warehouse.refused_files("saft")}
+    assert {name: r["reason"] for name, r in after_load.items()} == {**expected, "notes.txt": "ignored_type"}
+    invalid = after_load["invalid.xml"]
+    assert "AccountType" in invalid["message"] and after_load["spliced.xml"]["reason"] == "malformed"
+
+    # listed again: rows kept (first seen unchanged); removed or replaced files drop out
+    (drop / "ledger.csv.xml").unlink()
+    write_saft_file(tenant(1), drop / "cut.xml")
+    run(refresh())
+    again = {r["file_name"]: r for r in warehouse.refused_files("saft")}
+    assert sorted(again) == ["invalid.xml", "invoice.xml", "notes.txt", "spliced.xml"]
+    assert again["invoice.xml"]["first_seen_at"] == rows["invoice.xml"]["first_seen_at"]
+    assert again["invoice.xml"]["last_seen_at"] >= rows["invoice.xml"]["last_seen_at"]
+    assert again["invalid.xml"]["first_seen_at"] == invalid["first_seen_at"]
+
+
+def test_a_rezipped_identical_export_keeps_its_fingerprint(tmp_path):
+    xml = write_saft_file(tenant(0), tmp_path / "ledger.xml")
+    archive = zip_file(xml, member_time=(2026, 1, 1, 0, 0, 0))
+    xml_bytes = xml.read_bytes()
+    xml.unlink()
+    connector = SaftConnector(tmp_path)
+    (first,) = run(connector.fingerprints())
+    before = run(connector.tenant_fingerprints())
+    zipped_once = archive.read_bytes()
+
+    xml.write_bytes(xml_bytes)
+    zip_file(xml, member_time=(2026, 3, 4, 5, 6, 8))
+    xml.unlink()
+    touch(archive, dt.datetime(2026, 3, 4, 5, 7))
+    assert archive.read_bytes() != zipped_once  # another zip ...
+    connector = SaftConnector(tmp_path)
+    (second,) = run(connector.fingerprints())
+    assert second.sha256 == first.sha256 == hashlib.sha256(xml_bytes).hexdigest()  # ... of the same XML
+    assert second.cursor == first.cursor and run(connector.tenant_fingerprints()) == before
+
+
+def test_demo_drop_is_written_identically_each_time(tmp_path):
+    first = {p.name: p.read_bytes() for p in write_demo_drop(tmp_path / "a")}
+    second = {p.name: p.read_bytes() for p in write_demo_drop(tmp_path / "b")}
+    assert first == second

@@ -4,17 +4,22 @@ vendor spec in tests/sandbox)."""
 import asyncio
 import datetime as dt
 from dataclasses import replace
+from decimal import Decimal
 
 import httpx
 import pytest
 
+from erp_pipelines.config import connector_kwargs
 from erp_pipelines.erps import tripletex as tripletex_module
 from erp_pipelines.erps.extract import ACCOUNTS, BALANCES, extract_tenant
 from erp_pipelines.erps.tripletex import TripletexConnector
-from erp_pipelines.errors import AuthError, ClientAccessError, TenantMismatch
+from erp_pipelines.errors import AuthError, ClientAccessError, ConfigError, TenantMismatch
 from erp_pipelines.model import ClientStatus, classify_clients, months_between
+from erp_pipelines.pipeline import load_tenants
+from erp_pipelines.registry import ERPS
 from erp_pipelines.sandbox.ledger import generate_ledger
 from erp_pipelines.sandbox.tripletex import TripletexSandbox
+from erp_pipelines.warehouse import Warehouse
 
 MONTHS = months_between(dt.date(2026, 1, 1), dt.date(2026, 3, 1))
 
@@ -179,3 +184,94 @@ def test_own_company_guard_checks_the_organisation_number(ledger):
     assert isinstance(result.error, TenantMismatch)
     assert "instead of this tenant" in str(result.error)
     assert result.accounts == [] and result.balances == []
+
+
+# ---------------------------------------------------------------------------------------- reconciliation
+
+SKEWED_DAY = dt.date(2026, 2, 10)
+
+
+def load_reconciled(sandbox, warehouse, **settings):
+    """Extract and land every valid tenant (MONTHS); the loaded extracts by erp_client_id."""
+
+    async def scenario():
+        async with connect(sandbox, **settings) as connector:
+            active = [c for c in classify_clients(await connector.list_clients()) if c.is_active]
+            batches = [b async for b in load_tenants(connector, warehouse, active, what=(ACCOUNTS, BALANCES),
+                                                     months=MONTHS)]
+        assert all(not b.failed for b in batches)
+        return {e.client.erp_client_id: e for b in batches for e in b.loaded}
+
+    return run(scenario())
+
+
+def reconciliation_rows(warehouse, org_number):
+    return warehouse.query(
+        "SELECT check_name, account_number, period, expected, actual, message FROM reconciliation "
+        "WHERE erp = 'tripletex' AND org_number = ? ORDER BY period, check_name", [org_number])
+
+
+def test_reconcile_consistent_tenant_has_no_findings_and_no_reconciliation_rows(ledger, tmp_path):
+    sandbox = TripletexSandbox(ledger)
+    warehouse = Warehouse(tmp_path / "warehouse.duckdb")
+    extracts = load_reconciled(sandbox, warehouse, reconcile=True)
+
+    assert set(extracts) == {str(t.erp_client_id) for t in ledger.valid_tenants}
+    for tenant in ledger.valid_tenants:
+        assert extracts[str(tenant.erp_client_id)].findings == []  # reconciled, nothing differs
+        assert reconciliation_rows(warehouse, tenant.org_number) == []
+    assert len(sandbox.stats.requests(template="GET /v2/ledger")) == len(MONTHS) * len(ledger.valid_tenants)
+
+
+def test_reconcile_reports_where_the_ledger_disagrees(ledger, tmp_path):
+    skewed, healthy = ledger.valid_tenants[1], ledger.valid_tenants[0]
+    sandbox = TripletexSandbox(ledger)
+    sandbox.skew_ledger(skewed.erp_client_id, 1920, 12_345, SKEWED_DAY)  # 123.45 only /ledger counts
+    warehouse = Warehouse(tmp_path / "warehouse.duckdb")
+    extracts = load_reconciled(sandbox, warehouse, reconcile=True)
+
+    truth = {b.period: b for b in skewed.expected_balances(MONTHS) if b.account_number == "1920"}
+    february, march, skew = dt.date(2026, 2, 1), dt.date(2026, 3, 1), Decimal("123.45")
+    expected = {  # (check, account, period, /ledger's amount, /balanceSheet's amount)
+        ("ledger_movement", "1920", february, truth[february].movement + skew, truth[february].movement),
+        ("ledger_closing_balance", "1920", february, truth[february].closing + skew, truth[february].closing),
+        ("ledger_opening_balance", "1920", march, truth[march].opening + skew, truth[march].opening),
+        ("ledger_closing_balance", "1920", march, truth[march].closing + skew, truth[march].closing),
+    }
+    findings = extracts[str(skewed.erp_client_id)].findings
+    assert {(f["check_name"], f["account_number"], f["period"], f["expected"], f["actual"]) for f in findings} \
+        == expected and len(findings) == 4
+    rows = reconciliation_rows(warehouse, skewed.org_number)
+    assert {row[:5] for row in rows} == expected
+    movement = next(row for row in rows if row[0] == "ledger_movement")
+    assert movement[5] == (f"2026-02 account 1920: /balanceSheet balanceChange {truth[february].movement} "
+                           f"≠ /ledger sumAmount {truth[february].movement + skew} (difference -123.45)")
+    # the stored balances are /balanceSheet's, to the øre
+    stored = warehouse.query("SELECT period, closing FROM balances WHERE erp = 'tripletex' AND org_number = ? "
+                             "AND account_number = '1920' ORDER BY period", [skewed.org_number])
+    assert stored == [(month, truth[month].closing) for month in MONTHS]
+    assert extracts[str(healthy.erp_client_id)].findings == []
+    assert reconciliation_rows(warehouse, healthy.org_number) == []
+
+
+def test_reconcile_off_by_default_makes_no_ledger_request(ledger, tmp_path):
+    sandbox = TripletexSandbox(ledger)
+    sandbox.skew_ledger(ledger.valid_tenants[0].erp_client_id, 1920, 12_345, SKEWED_DAY)
+    warehouse = Warehouse(tmp_path / "warehouse.duckdb")
+    extracts = load_reconciled(sandbox, warehouse)  # TRIPLETEX_RECONCILE unset
+
+    assert all(e.findings is None for e in extracts.values())
+    assert sandbox.stats.requests(template="GET /v2/ledger") == []
+    assert len(sandbox.stats.requests(template="GET /v2/balanceSheet")) == len(MONTHS) * len(ledger.valid_tenants)
+    assert warehouse.query("SELECT count(*) FROM reconciliation") == [(0,)]
+
+
+def test_reconcile_setting_is_read_from_the_environment():
+    spec = ERPS["tripletex"]
+    assert connector_kwargs(spec, {})["reconcile"] == "false"
+    base = {"consumer_token": "c", "employee_token": "e"}
+    assert TripletexConnector(**base, **connector_kwargs(spec, {"TRIPLETEX_RECONCILE": "true"})).reconcile is True
+    assert TripletexConnector(**base, **connector_kwargs(spec, {})).reconcile is False
+    with pytest.raises(ConfigError) as caught:
+        TripletexConnector(**base, **connector_kwargs(spec, {"TRIPLETEX_RECONCILE": "sometimes"}))
+    assert "TRIPLETEX_RECONCILE" in str(caught.value) and "true or" in str(caught.value)

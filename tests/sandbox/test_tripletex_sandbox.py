@@ -346,6 +346,78 @@ def test_account_number_to_is_exclusive(api):
     assert [r["account"]["number"] for r in rows] == [1900, 1920]
 
 
+# ======================================================================================== general ledger
+
+
+LEDGER_FIELDS = "account(number),openingBalance,sumAmount,closingBalance"
+
+
+def ledger_totals(response: httpx.Response) -> dict[int, tuple[Decimal, Decimal, Decimal]]:
+    return {r["account"]["number"]: (r["openingBalance"], r["sumAmount"], r["closingBalance"])
+            for r in exact_values(response)}
+
+
+def test_contract_ledger(api, contract):
+    body = contract.check(api.get("/ledger", CLIENT, **month_window(dt.date(2026, 2, 1))), "/ledger")
+    assert body["values"] and set(body["values"][0]["account"]) == {"id", "url"}  # nested default {id, url}
+    chosen = contract.check(api.get("/ledger", CLIENT, **month_window(dt.date(2026, 2, 1)), fields=LEDGER_FIELDS),
+                            "/ledger")
+    assert set(chosen["values"][0]) == {"account", "openingBalance", "sumAmount", "closingBalance"}
+    contract.check_error(api.get("/ledger", CLIENT, dateFrom="2026-02-01"), 422, 21000)
+    contract.check_error(api.get("/ledger", CLIENT, dateFrom="2026-02-01", dateTo="2026-02-01"), 422, 18000)
+
+
+def test_ledger_lists_the_accounts_with_postings_and_agrees_with_the_balance_sheet(api, ledger):
+    tenant = ledger.by_client_id(CLIENT)
+    for month in (dt.date(2025, 12, 1), dt.date(2026, 1, 1), dt.date(2026, 3, 1)):
+        totals = ledger_totals(api.get("/ledger", CLIENT, **month_window(month), fields=LEDGER_FIELDS))
+        window = add_months(month, 1)
+        posted = {n for v in tenant.vouchers if month <= v.date < window for n, _ in v.lines}
+        assert set(totals) == posted
+        truth = {b.account.number: b for b in tenant.balances(month)}
+        for number, (opening, movement, closing) in totals.items():
+            b = truth[number]
+            assert (opening, movement, closing) == (kroner(b.opening), kroner(b.movement), kroner(b.closing))
+
+
+def test_ledger_is_paged_like_every_list(api):
+    window = month_window(dt.date(2026, 2, 1))
+    full = api.get("/ledger", CLIENT, **window, fields=LEDGER_FIELDS).json()
+    pages = [api.get("/ledger", CLIENT, **window, fields=LEDGER_FIELDS, **{"from": start, "count": 5}).json()
+             for start in range(0, len(full["values"]) + 5, 5)]
+    assert [r for p in pages for r in p["values"]] == full["values"]
+    assert pages[-1]["count"] == 0 and len({p["versionDigest"] for p in pages}) == 1
+
+
+def test_ledger_skew_makes_only_the_ledger_disagree_over_admin_http(api, admin, ledger):
+    before = {m: ledger_totals(api.get("/ledger", CLIENT, **month_window(m), fields=LEDGER_FIELDS))
+              for m in (dt.date(2026, 1, 1), dt.date(2026, 2, 1), dt.date(2026, 3, 1))}
+    sheet = api.get("/balanceSheet", CLIENT, **month_window(dt.date(2026, 2, 1)), fields=BALANCE_FIELDS).json()
+    other = api.get("/ledger", OTHER, **month_window(dt.date(2026, 2, 1)), fields=LEDGER_FIELDS).json()
+    response = admin.post(f"/tripletex/clients/{CLIENT}/ledger-skew",
+                          json={"account": 1920, "amount_ore": 12_345, "date": "2026-02-10"})
+    assert response.status_code == 200, response.text
+    after = {m: ledger_totals(api.get("/ledger", CLIENT, **month_window(m), fields=LEDGER_FIELDS)) for m in before}
+    skew = Decimal("123.45")
+    assert after[dt.date(2026, 1, 1)] == before[dt.date(2026, 1, 1)]
+    opening, movement, closing = before[dt.date(2026, 2, 1)][1920]
+    assert after[dt.date(2026, 2, 1)][1920] == (opening, movement + skew, closing + skew)
+    opening, movement, closing = before[dt.date(2026, 3, 1)][1920]
+    assert after[dt.date(2026, 3, 1)][1920] == (opening + skew, movement, closing + skew)
+    assert {n: t for n, t in after[dt.date(2026, 2, 1)].items() if n != 1920} == {
+        n: t for n, t in before[dt.date(2026, 2, 1)].items() if n != 1920}
+    assert api.get("/balanceSheet", CLIENT, **month_window(dt.date(2026, 2, 1)),
+                   fields=BALANCE_FIELDS).json() == sheet  # the balance sheet is untouched
+    assert api.get("/ledger", OTHER, **month_window(dt.date(2026, 2, 1)), fields=LEDGER_FIELDS).json() == other
+
+    assert admin.post(f"/tripletex/clients/{CLIENT}/ledger-skew",
+                      json={"account": 4242, "amount_ore": 1, "date": "2026-02-10"}).status_code == 400
+    assert admin.post(f"/tripletex/clients/{CLIENT}/ledger-skew", json={"account": 1920}).status_code == 400
+    admin.delete(f"/tripletex/clients/{CLIENT}/ledger-skew")
+    assert ledger_totals(api.get("/ledger", CLIENT, **month_window(dt.date(2026, 3, 1)),
+                                 fields=LEDGER_FIELDS)) == before[dt.date(2026, 3, 1)]
+
+
 # ======================================================================================== paging and fields
 
 

@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import tenacity
@@ -33,7 +34,7 @@ import tenacity
 from erp_pipelines.erps.kit.auth import TokenAuth
 from erp_pipelines.erps.kit.throttle import Throttle
 from erp_pipelines.erps.kit.transport import ShardedTransport
-from erp_pipelines.errors import BadResponse, ErpError, RateLimited, UpstreamError
+from erp_pipelines.errors import RETRY_PARTITION, RETRY_RUN, BadResponse, ErpError, RateLimited, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,12 @@ class ApiClient:
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 60.0,
         headers: Mapping[str, str] | None = None,
+        url_variables: Mapping[str, str] | None = None,
     ) -> None:
+        """`url_variables`: configured URL → the environment variable that sets it, so a host that
+        cannot be reached is named with the variable to check."""
         self.erp = erp
+        self.url_variables = dict(url_variables or {})
         self.throttle = throttle
         self.map_error = map_error
         self.check_body = check_body
@@ -223,10 +228,7 @@ class ApiClient:
                 )
             except httpx.TransportError as exc:
                 self.stats.transport_errors += 1
-                raise _Again(UpstreamError(
-                    f"{context.method} {_shown(context.path)} failed: {type(exc).__name__}", erp=self.erp,
-                    fix="the ERP did not answer; retry the partition later",
-                )) from None
+                raise _Again(self._transport_error(context, url, exc)) from None
         status = response.status_code
         self.stats.by_status[status] += 1
         if status == 429:
@@ -250,11 +252,45 @@ class ApiClient:
         if mapped is None and status in RETRY_STATUSES:
             raise _Again(UpstreamError(
                 f"{context.method} {_shown(context.path)} answered HTTP {status}", erp=self.erp,
-                fix="the ERP is failing; retry the partition later",
+                fix=f"the ERP is failing; {_retry_later(context)}",
             ))
         if mapped is None:
             mapped = BadResponse(f"{context.method} {_shown(context.path)} answered HTTP {status}", erp=self.erp)
         raise mapped
+
+    def _transport_error(self, context: RequestContext, url: str, exc: httpx.TransportError) -> UpstreamError:
+        """No answer: names the host (never credentials or the query) and the variable that sets it."""
+        try:
+            target = self._http.base_url.join(url)
+        except httpx.InvalidURL:
+            target = self._http.base_url
+        host = f"{target.host}:{target.port}" if target.port else target.host
+        variable = self._url_variable(target)
+        where = f"{host} (set by {variable})" if variable else host
+        check = f"check {variable} (host name and port) and" if variable else "check"
+        request = f"{context.method} {_shown(context.path)}"
+        if isinstance(exc, httpx.ConnectError):
+            detail = f"{request}: cannot connect to {where}: {type(exc).__name__}"
+            fix = f"{check} that this machine reaches {host} (DNS, firewall, proxy); then {_retry_later(context)}"
+        elif isinstance(exc, httpx.TimeoutException):
+            detail = f"{request}: {where} did not answer in time: {type(exc).__name__}"
+            fix = f"{check} that {host} is up and reachable from here; then {_retry_later(context)}"
+        else:
+            detail = f"{request}: the connection to {where} failed: {type(exc).__name__}"
+            fix = f"the ERP did not answer; {_retry_later(context)}"
+        return UpstreamError(detail, erp=self.erp, fix=fix)
+
+    def _url_variable(self, target: httpx.URL) -> str | None:
+        """The variable whose URL is the longest prefix of `target`, else one with its host."""
+        shown = str(target.copy_with(query=None, fragment=None))
+        best, best_length = None, -1
+        for configured, variable in self.url_variables.items():
+            prefix = configured.rstrip("/")
+            if (shown == prefix or shown.startswith(prefix + "/")) and len(prefix) > best_length:
+                best, best_length = variable, len(prefix)
+        if best is None:
+            best = next((v for u, v in self.url_variables.items() if urlsplit(u).hostname == target.host), None)
+        return best
 
     def _accept(self, response: httpx.Response, context: RequestContext, decode: bool | str,
                 throttle: Throttle) -> Any:
@@ -268,7 +304,7 @@ class ApiClient:
                 except ValueError:  # truncated or malformed: retried like a dropped connection
                     raise _Again(BadResponse(
                         f"{context.method} {_shown(context.path)} returned malformed JSON", erp=self.erp,
-                        fix="the ERP returned a broken payload; retry the partition later",
+                        fix=f"the ERP returned a broken payload; {_retry_later(context)}",
                     )) from None
         rejected = self.check_body(response, body if decode else safe_json(response), context) \
             if self.check_body else None
@@ -279,6 +315,11 @@ class ApiClient:
             throttle.pause_for(rejected.retry_after or 1.0)
             raise _Again(rejected, back_off=False)
         raise rejected
+
+
+def _retry_later(context: RequestContext) -> str:
+    """A tenant's request belongs to a partition; the integration's own (the client list) does not."""
+    return RETRY_PARTITION if context.tenant else RETRY_RUN
 
 
 def _shown(path: str) -> str:

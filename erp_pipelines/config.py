@@ -56,7 +56,7 @@ class ProjectConfig:
 
 def load_config(environ: Mapping[str, str] | None = None) -> ProjectConfig:
     env = os.environ if environ is None else environ
-    names = _enabled_names(env)
+    names = enabled_names(env)
     owners = asset_owners(env)
     erps = tuple(dataclasses.replace(_erp_config(ERPS[name], env), owners=owners) for name in names)
     per_run = env.get("ERP_TENANTS_PER_RUN", str(DEFAULT_TENANTS_PER_RUN))
@@ -88,7 +88,7 @@ def warehouse_path(environ: Mapping[str, str]) -> str:
     return environ.get("ERP_WAREHOUSE_PATH") or DEFAULT_WAREHOUSE
 
 
-def _enabled_names(env: Mapping[str, str]) -> list[str]:
+def enabled_names(env: Mapping[str, str]) -> list[str]:
     listed = env.get("ERP_SOURCES", "").strip()
     if listed:
         names = [n.strip().lower() for n in listed.split(",") if n.strip()]

@@ -25,8 +25,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from erp_pipelines import tokens
-from erp_pipelines.config import _enabled_names as enabled_erp_names
 from erp_pipelines.config import connector_from_environment
+from erp_pipelines.config import enabled_names as enabled_erp_names
 from erp_pipelines.erps.base import BilingualFix, Connector
 from erp_pipelines.erps.extract import ACCOUNTS, BALANCES, extract_tenants
 from erp_pipelines.errors import AuthError, ClientAccessError, ConfigError, ErpError, redact, register_secret

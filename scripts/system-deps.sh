@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Debian packages the tests need beyond Python (`make test` runs this first; CI runs it as root).
 # chromium: the browser tests (tests/browser/) drive Debian's /usr/bin/chromium; no browser is downloaded.
+# postgresql: tests/postgres/ start a private cluster (initdb, pg_ctl) for the Dagster instance in deploy/.
 set -euo pipefail
 
-PACKAGES=(chromium)
+PACKAGES=(chromium postgresql)
 
 missing=()
 for package in "${PACKAGES[@]}"; do

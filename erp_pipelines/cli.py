@@ -29,9 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     doctor.add_argument("erp", nargs="?", help="only this ERP")
     doctor.add_argument("--json", action="store_true", help="print one JSON document (and nothing else)")
     add_clients_commands(commands)
+    add_connections_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "clients":
         return clients_main(args)
+    if args.command == "connections":
+        return connections_main(args)
     if args.command == "doctor":
         from erp_pipelines.doctor import doctor_main
 
@@ -126,3 +129,84 @@ def clients_main(args: argparse.Namespace) -> int:
     except ErpError as exc:
         return fail(str(exc), 1)
     return 0
+
+
+CONNECTIONS_HELP = """Connections: many credential sets per ERP (a firm's accountant key, a vendor's subscription
+with its client keys, ...). The environment's variables are the connection named default; `add` stores
+another one in the encrypted token store. Secrets are read from standard input as VAR=value lines (the
+variable names of .env.example), never from arguments. Each connection has its own rate-limit budget and
+its own runs (tag erp/connection=<erp>/<slug>). Exit codes: 0 done; 2 refused (the message says why)."""
+
+
+def add_connections_commands(commands) -> None:
+    connections = commands.add_parser("connections", help="add, list or remove an ERP's connections (credential sets)",
+                                      description=CONNECTIONS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = connections.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="store a connection; its secrets are read from standard input",
+                             description="Reads VAR=value lines (dotenv) from standard input, e.g. "
+                             "printf '<ERP>_..._TOKEN=...\\n' | erp-pipelines connections add <erp> --name \"Byrå AS\" "
+                             "(the variable names of .env.example). Unset settings with a default take it.")
+    add.add_argument("erp")
+    add.add_argument("--name", required=True, help="the connection's name, e.g. \"Byrå AS\" (slug: byra-as)")
+    add.add_argument("--set", action="append", default=[], metavar="VAR=value", dest="values",
+                     help="a non-secret setting (secrets only on standard input)")
+    listing = actions.add_parser("list", help="every connection: name, ERP, source, variables set, tenants served")
+    listing.add_argument("erp", nargs="?", help="only this ERP")
+    listing.add_argument("--json", action="store_true", help="print one JSON document")
+    remove = actions.add_parser("remove", help="delete a stored connection and its cached tokens; its tenants "
+                                "show as revoked at the next client refresh (history kept)")
+    remove.add_argument("erp")
+    remove.add_argument("--name", required=True)
+
+
+def connections_main(args: argparse.Namespace) -> int:
+    import json
+
+    from erp_pipelines import connections
+    from erp_pipelines.config import enabled_names, warehouse_path
+    from erp_pipelines.errors import ConfigError, redact
+    from erp_pipelines.warehouse import Warehouse
+
+    try:
+        store = connections.store_from_env()
+        if args.action == "add":
+            values = dict(_assignment(item) for item in args.values)
+            text = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+            added = connections.add_connection(store, args.erp, args.name, text, values)
+            print(f"{added.erp} connection {added.name!r} ({added.slug}) stored in {store.path}: "
+                  f"{', '.join(added.variables)}")
+            print(f"its runs carry the tag {connections.CONNECTION_TAG}={added.tag}; check it: "
+                  f"erp-pipelines doctor {added.erp}")
+        elif args.action == "remove":
+            removed = connections.remove_connection(store, args.erp, args.name)
+            print(f"{removed.erp} connection {removed.name!r} ({removed.slug}) removed with its cached tokens; its "
+                  f"tenants show as revoked at the next refresh of {removed.erp}/clients (history kept)")
+        else:
+            erps = [args.erp] if args.erp else sorted(set(enabled_names(os.environ)))
+            found = [c for erp in erps for c in connections.connections_of(erp, os.environ, store)]
+            warehouse = Warehouse(warehouse_path(os.environ))
+            served = warehouse.tenants_per_connection(args.erp) if warehouse.path.exists() else {}
+            rows = [{"erp": c.erp, "name": c.name, "slug": c.slug, "source": c.source, "variables": c.variables,
+                     "tenants_served": served.get((c.erp, c.slug), 0), "run_tag": c.tag} for c in found]
+            if args.json:
+                print(redact(json.dumps({"connections": rows}, ensure_ascii=False, indent=2)))
+            elif not rows:
+                print("No connections: set an ERP's variables (see .env.example) or "
+                      "erp-pipelines connections add <erp> --name ...")
+            else:
+                for row in rows:
+                    print(redact(f"{row['erp']}  {row['name']} ({row['slug']})  {row['source']}  "
+                                 f"tenants: {row['tenants_served']}  variables: {', '.join(row['variables'])}"))
+    except ConfigError as exc:
+        print(f"erp-pipelines connections {args.action}: {redact(str(exc))}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _assignment(item: str) -> tuple[str, str]:
+    from erp_pipelines.errors import ConfigError
+
+    name, sep, value = item.partition("=")
+    if not sep or not name.strip():
+        raise ConfigError("a --set argument is not VAR=value", fix="e.g. --set <ERP>_BASE_URL=https://...")
+    return name.strip(), value

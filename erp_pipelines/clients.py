@@ -89,6 +89,9 @@ def format_client_list(rows: list[dict[str, Any]]) -> str:
     header = ("ERP", "NAME", "ORGNR", "CLIENT ID", "STATUS", "LAST EXTRACTION")
     table = [(r["erp"], r["name"] or "", r["org_number"] or "-", r["erp_client_id"], r["status"],
               _when(r["last_extracted_at"])) for r in rows]
+    if any(r.get("connection", "default") != "default" for r in rows):  # several connections: say which
+        header += ("CONNECTION",)
+        table = [(*line, r["connection"]) for line, r in zip(table, rows, strict=True)]
     widths = [max(len(str(line[i])) for line in [header, *table]) for i in range(len(header))]
     out = ["  ".join(str(v).ljust(w) for v, w in zip(header, widths, strict=True)).rstrip()]
     for row, line in zip(rows, table, strict=True):

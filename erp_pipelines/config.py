@@ -1,6 +1,10 @@
 """The configuration contract: environment variables, validated when the definitions load.
 
 - `ERP_WAREHOUSE_PATH`: the DuckDB file (default `data/warehouse.duckdb`).
+- `ERP_DUCKLAKE_CATALOG`: optional; the warehouse is then DuckLake with this catalog (e.g.
+  `postgres:dbname=lake host=db user=erp`, password in PGPASSWORD or ~/.pgpass) and
+  `ERP_DUCKLAKE_DATA_PATH` (required with it: a shared folder or `s3://bucket/prefix/`) instead of
+  the file, for writers on many machines (`warehouse_backends.py`).
 - `ERP_SOURCES`: optional comma list of ERPs to enable; without it, an ERP is enabled when any of
   its variables is set. An enabled ERP must have all its required variables.
 - Per ERP, the variables its connector declares (`Connector.settings`), e.g. `<ERP>_BASE_URL`.
@@ -13,6 +17,8 @@
   `team:<name>` (default `team:data-engineering`).
 - `ERP_TOKEN_STORE_PATH`: the encrypted token store (default `tokens.enc` next to the warehouse);
   `ERP_TOKEN_STORE_KEY`: its key (default: a generated key file, mode 0600). See `tokens.py`.
+- `ERP_RUN_RETENTION_DAYS`: Dagster runs (and their events) older than this are deleted nightly,
+  keeping every partition's latest materialisation (default 90; 0 keeps every run). See `defs/retention.py`.
 
 Errors name the variable and never echo a secret's value.
 """
@@ -29,6 +35,7 @@ from erp_pipelines import tokens
 from erp_pipelines.errors import ConfigError
 from erp_pipelines.model import AUTO_ACTIVATE_VARIABLE, auto_activate
 from erp_pipelines.registry import ERPS, ErpSpec
+from erp_pipelines.warehouse_backends import ducklake_settings
 
 DEFAULT_WAREHOUSE = "data/warehouse.duckdb"
 DEFAULT_TENANTS_PER_RUN = 500
@@ -69,6 +76,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> ProjectConfig:
     except ValueError as exc:
         raise ConfigError(str(exc), fix=f"set {AUTO_ACTIVATE_VARIABLE}=true or false") from None
     warehouse = warehouse_path(env)
+    ducklake_settings(env)  # both DuckLake variables or neither
     return ProjectConfig(warehouse, erps, int(per_run), str(tokens.default_store_path(warehouse, env)))
 
 
@@ -99,23 +107,22 @@ def enabled_names(env: Mapping[str, str]) -> list[str]:
                 fix=f"use any of: {', '.join(ERPS)}",
             )
         return names
-    return [
-        name
-        for name, spec in ERPS.items()
-        if any(env.get(s.env) for s in spec.connector_class.settings if s.default is None)
-    ]
+    from erp_pipelines.connections import stored_erps  # connections.py builds on this module
+
+    stored = stored_erps(env)
+    return [name for name, spec in ERPS.items() if has_environment_connection(spec, env) or name in stored]
+
+
+def has_environment_connection(spec: ErpSpec, env: Mapping[str, str]) -> bool:
+    """Whether the environment configures the ERP's `default` connection (any of its variables set)."""
+    return any(env.get(s.env) for s in spec.connector_class.settings if s.default is None)
 
 
 def _erp_config(spec: ErpSpec, env: Mapping[str, str]) -> ErpConfig:
-    for setting in spec.connector_class.settings:
-        value = (env.get(setting.env) or "").strip() or setting.default
-        if setting.required and not value:
-            raise ConfigError(
-                f"{spec.name} is enabled but {setting.env} is not set ({setting.description})",
-                fix=f"set {setting.env} in the environment or .env (see .env.example)",
-            )
-        if value and setting.field.endswith("url"):
-            _check_url(setting, value)
+    from erp_pipelines.connections import stored_erps
+
+    if has_environment_connection(spec, env) or spec.name not in stored_erps(env):
+        validate_settings(spec, env)  # the environment's `default` connection (stored ones: when added)
     history_var = f"{spec.name.upper()}_HISTORY_START"
     raw = env.get(history_var) or spec.connector_class.default_history_start
     try:
@@ -123,6 +130,21 @@ def _erp_config(spec: ErpSpec, env: Mapping[str, str]) -> ErpConfig:
     except ValueError:
         raise ConfigError(f"{history_var} is not a date", fix="use YYYY-MM-DD, e.g. 2023-01-01") from None
     return ErpConfig(spec, history_start)
+
+
+def validate_settings(spec: ErpSpec, values: Mapping[str, str], *, where: str = "in the environment or .env "
+                      "(see .env.example)", what: str | None = None) -> None:
+    """The connector's settings in `values` (by variable name): every required one present, URLs
+    well formed. Errors name the variable (never its value) and where to set it."""
+    for setting in spec.connector_class.settings:
+        value = (values.get(setting.env) or "").strip() or setting.default
+        if setting.required and not value:
+            raise ConfigError(
+                f"{what or spec.name + ' is enabled'} but {setting.env} is not set ({setting.description})",
+                fix=f"set {setting.env} {where}",
+            )
+        if value and setting.field.endswith("url"):
+            _check_url(setting, value)
 
 
 def _check_url(setting, value: str) -> None:
@@ -157,6 +179,11 @@ ENV_EXAMPLE_HEADER = """\
 # The DuckDB warehouse file.
 ERP_WAREHOUSE_PATH=data/warehouse.duckdb
 
+# Optional: the warehouse on DuckLake instead, for writers on many machines: a catalog (PostgreSQL;
+# its password in PGPASSWORD or ~/.pgpass) and the data path every writer reaches (shared folder or s3://).
+# ERP_DUCKLAKE_CATALOG=postgres:dbname=lake host=db.internal user=erp
+# ERP_DUCKLAKE_DATA_PATH=/mnt/lake/
+
 # Optional: enable exactly these sources (comma list). Without it, a source is enabled when its
 # credentials are set. Known: {known}.
 # ERP_SOURCES={known}
@@ -176,6 +203,10 @@ ERP_WAREHOUSE_PATH=data/warehouse.duckdb
 # Default: tokens.enc next to the warehouse, with a generated key file tokens.key (mode 0600).
 # ERP_TOKEN_STORE_PATH=data/tokens.enc
 # ERP_TOKEN_STORE_KEY=
+
+# Days of Dagster run history kept: older finished runs and their events are deleted nightly, except
+# the runs holding each partition's latest materialisation (0 keeps every run).
+# ERP_RUN_RETENTION_DAYS=90
 """
 
 

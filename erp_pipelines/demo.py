@@ -92,6 +92,7 @@ def dagster_home() -> Path:
 def run_demo() -> int:
     import dagster as dg
 
+    from erp_pipelines.defs.assets import extract_op_name
     from erp_pipelines.defs.build import build_definitions
     from erp_pipelines.defs.runs import RANGE_END, RANGE_START
     from erp_pipelines.warehouse import Warehouse
@@ -117,7 +118,7 @@ def run_demo() -> int:
                     instance=instance,
                     asset_selection=[dg.AssetKey([erp, "accounts"]), dg.AssetKey([erp, "balances"])],
                     tags={RANGE_START: tenants[0], RANGE_END: tenants[-1]},
-                    run_config={**QUIET, "ops": {f"{erp}__balances": {"config": {"full_sync": True}}}},
+                    run_config={**QUIET, "ops": {extract_op_name(erp): {"config": {"full_sync": True}}}},
                     raise_on_error=False,
                 )
                 if not result.success:

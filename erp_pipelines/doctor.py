@@ -1,4 +1,5 @@
-"""`erp-pipelines doctor`: for every configured ERP credential, whether it authenticates, which
+"""`erp-pipelines doctor`: for every configured ERP credential (each connection of each ERP:
+`default` from the environment, then the stored ones), whether it authenticates, which
 clients it reaches, and which of those need a fix, with what the customer must tick or create (the
 connector's `onboarding_fix`, in Norwegian with an English line).
 
@@ -27,6 +28,7 @@ from typing import Any
 from erp_pipelines import tokens
 from erp_pipelines.config import connector_from_environment
 from erp_pipelines.config import enabled_names as enabled_erp_names
+from erp_pipelines.connections import DEFAULT, STORE, Connection, connections_of, store_from_env
 from erp_pipelines.erps.base import BilingualFix, Connector
 from erp_pipelines.erps.extract import ACCOUNTS, BALANCES, extract_tenants
 from erp_pipelines.errors import AuthError, ClientAccessError, ConfigError, ErpError, redact, register_secret
@@ -84,6 +86,13 @@ class ErpReport:
     message: str | None = None  # why the credential is not ok, with the fix
     clients_reached: int = 0
     clients: list[ClientFinding] = dataclasses.field(default_factory=list)
+    connection: str = DEFAULT  # the connection's name (`connections.py`)
+    connection_slug: str = DEFAULT
+
+    @property
+    def key(self) -> str:
+        """`<erp>` for the default connection, `<erp>/<slug>` for a stored one."""
+        return self.erp if self.connection_slug == DEFAULT else f"{self.erp}/{self.connection_slug}"
 
     @property
     def needing_fix(self) -> list[ClientFinding]:
@@ -115,17 +124,31 @@ def run_doctor(erp: str | None = None, environ: Mapping[str, str] | None = None)
     for name in names:
         register_secret(*(env.get(s.env) for s in ERPS[name].connector_class.settings if s.secret))
 
+    checks = []
+    for name in names:
+        try:
+            found = connections_of(name, env)
+        except Exception:  # noqa: BLE001 - a malformed default connection: check_erp reports it
+            found = []
+        checks += [(name, connection) for connection in found] or [(name, None)]
+
     async def check_all() -> list[ErpReport]:
-        return list(await asyncio.gather(*(check_erp(name, env) for name in names)))
+        return list(await asyncio.gather(*(check_erp(name, env, connection) for name, connection in checks)))
 
     return asyncio.run(check_all())
 
 
-async def check_erp(erp: str, environ: Mapping[str, str]) -> ErpReport:
-    """One ERP: its credential, the clients it reaches and those that need a fix. Never raises."""
+async def check_erp(erp: str, environ: Mapping[str, str], connection: Connection | None = None) -> ErpReport:
+    """One connection of an ERP (default: the environment's): its credential, the clients it
+    reaches and those that need a fix. Never raises."""
     report = ErpReport(erp, ERPS[erp].connector_class.display_name)
+    if connection is not None:
+        report.connection, report.connection_slug = connection.name, connection.slug
     try:
-        connector = connector_from_environment(erp, environ)
+        if connection is not None and connection.source == STORE:
+            connector = connection.connector(store_from_env(environ))
+        else:
+            connector = connector_from_environment(erp, environ)
     except Exception as exc:  # noqa: BLE001 - ConfigError, or a malformed setting: this ERP's report, not a crash
         return _credential_problem(report, MISSING_VARIABLE, exc)
     async with connector:
@@ -223,7 +246,8 @@ CREDENTIAL_WORDS = {
 def format_text(reports: list[ErpReport]) -> str:
     lines: list[str] = []
     for report in reports:
-        head = f"{report.display_name} ({report.erp}): {CREDENTIAL_WORDS[report.credential]}"
+        through = f", connection {report.connection}" if report.connection_slug != DEFAULT else ""
+        head = f"{report.display_name} ({report.erp}{through}): {CREDENTIAL_WORDS[report.credential]}"
         if report.message:
             head += f": {report.message}"
         lines.append(head)
@@ -254,7 +278,9 @@ def as_document(reports: list[ErpReport]) -> dict[str, Any]:
     return {
         "exit_code": exit_code(reports),
         "erps": {
-            report.erp: {
+            report.key: {
+                "erp": report.erp,
+                "connection": report.connection,
                 "display_name": report.display_name,
                 "credential": report.credential,
                 "message": report.message,

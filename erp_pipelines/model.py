@@ -59,6 +59,7 @@ class Client:
     name: str
     status: ClientStatus = ClientStatus.ACTIVE
     status_reason: str | None = None
+    connection: str = "default"  # the connection (credential set) it is reached through (`connections.py`)
 
     @property
     def label(self) -> str:
@@ -196,7 +197,7 @@ def resolve_shared_numbers(clients: Iterable[Client], holders: Mapping[str, Clie
     result = []
     for client in clients:
         held = holder_of.get(client.org_number) if client.status != ClientStatus.REJECTED else None
-        if held is not None and held[0].erp_client_id != client.erp_client_id:
+        if held is not None and (held[0].connection, held[0].erp_client_id) != (client.connection, client.erp_client_id):
             holder, same_listing = held
             client = replace(client, status=ClientStatus.REJECTED,
                              status_reason=shared_number_reason(client, holder, same_listing=same_listing))
@@ -210,8 +211,9 @@ SHARED_NUMBER = "organisation number {number} is held by"
 def shared_number_reason(client: Client, holder: Client, *, same_listing: bool = False) -> str:
     why = ("both appeared in the same first listing and the lower ERP client id holds it" if same_listing
            else "it held the number first")
+    through = f" of connection {holder.connection}" if holder.connection != client.connection else ""
     return (f"{SHARED_NUMBER.format(number=client.org_number)} {holder.erp} client {holder.erp_client_id} "
-            f"({holder.name}): {why}. To move the number to this client: "
+            f"({holder.name}){through}: {why}. To move the number to this client: "
             f"erp-pipelines clients activate {client.erp} {client.org_number} --client-id {client.erp_client_id}")
 
 

@@ -1,8 +1,12 @@
 """Extract and load, plain Python: the one path the Dagster assets, the benchmarks and scripts share.
 
-- `refresh_clients`: list a credential's clients, apply the client rules, store the registry.
+- `refresh_clients`: list every connection's clients, apply the client rules, store the registry.
 - `load_tenants`: extract many tenants concurrently and write them in batches as they finish,
   so memory stays flat however many tenants a run covers. Yields one `LoadedBatch` per write.
+
+Both take one connector, or `Connectors` (one per connection of an ERP, `connections.py`): each
+connection is listed and extracted with its own connector (its own credential and rate-limit
+budget), concurrently; a connection whose credential is refused fails its own tenants only.
 """
 
 from __future__ import annotations
@@ -14,13 +18,43 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from typing import TypeVar
 
+from erp_pipelines.connections import DEFAULT
 from erp_pipelines.erps.base import Connector
 from erp_pipelines.erps.extract import ACCOUNTS, BALANCES, extract_tenants
-from erp_pipelines.errors import ClientAccessError
+from erp_pipelines.errors import AuthError, ClientAccessError, ConfigError, ErpError
 from erp_pipelines.model import Client, TenantExtract, apply_number_rules
 from erp_pipelines.warehouse import ClientRegistryChange, Warehouse
 
 T = TypeVar("T")
+
+
+class Connectors(dict[str, Connector]):
+    """One ERP's connectors by connection slug (`default` first). Closes like one connector."""
+
+    def __init__(self, erp: str, connectors: dict[str, Connector] | None = None) -> None:
+        super().__init__(connectors or {})
+        self.erp = erp
+
+    @classmethod
+    def of(cls, connector: Connector | Connectors) -> Connectors:
+        return connector if isinstance(connector, Connectors) else cls(connector.erp, {DEFAULT: connector})
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(connector.aclose() for connector in self.values()))
+
+    async def tenant_fingerprints(self) -> dict[str, str] | None:
+        found = [await connector.tenant_fingerprints() for connector in self.values()]
+        return {k: v for each in found if each for k, v in each.items()} if any(found) else None
+
+
+def connection_error(erp: str, slug: str, error: BaseException) -> BaseException:
+    """A refused credential, told as its connection's: the message names the connection and the fix."""
+    if not isinstance(error, AuthError):
+        return error
+    where = (f"the {erp} variables in the environment" if slug == DEFAULT else
+             f"erp-pipelines connections remove {erp} --name {slug}, then add it again with the right values")
+    return AuthError(f"{erp} connection {slug!r}: {error.detail}", erp=erp,
+                     fix=f"{error.fix + '; ' if error.fix else ''}correct this connection's credential: {where}")
 
 
 def iterate_sync(agen: AsyncIterator[T]) -> Iterator[T]:
@@ -85,23 +119,44 @@ async def iterate_then_close(connector: Connector, items: AsyncIterator[T]) -> A
         await connector.aclose()
 
 
-async def refresh_clients(connector: Connector, warehouse: Warehouse) -> tuple[list[Client], ClientRegistryChange]:
-    """List the clients, apply the client rules against the registry (who holds which number,
-    who the user deactivated) and store them. Returns the listing with its final statuses."""
-    listed = apply_number_rules(await connector.list_clients())
-    change = warehouse.record_clients(connector.erp, listed, unresolved=connector.unresolved_client_ids)
-    change.refused_files = await asyncio.to_thread(record_refused_files, connector, warehouse)
+async def refresh_clients(connector: Connector | Connectors,
+                          warehouse: Warehouse) -> tuple[list[Client], ClientRegistryChange]:
+    """List the clients of every connection, apply the client rules against the registry (who holds
+    which number, through which connection; who the user deactivated) and store them together.
+    Returns the listing with its final statuses. A connection whose listing fails keeps its clients
+    as they were (`change.failed_connections` says why); when every connection fails, it raises."""
+    connectors = Connectors.of(connector)
+    slugs = list(connectors)
+    answers = await asyncio.gather(*(connectors[slug].list_clients() for slug in slugs), return_exceptions=True)
+    listed: list[Client] = []
+    failed: dict[str, BaseException] = {}
+    for slug, answer in zip(slugs, answers, strict=True):
+        if isinstance(answer, BaseException):
+            if not isinstance(answer, Exception):
+                raise answer
+            failed[slug] = connection_error(connectors.erp, slug, answer) if len(slugs) > 1 else answer
+            continue
+        listed += [dataclasses.replace(c, connection=slug) for c in answer]
+    if failed and len(failed) == len(slugs):
+        raise next(iter(failed.values()))
+    unresolved = [(slug, cid) for slug, c in connectors.items() for cid in c.unresolved_client_ids]
+    change = warehouse.record_clients(connectors.erp, apply_number_rules(listed), unresolved=unresolved,
+                                      failed_connections=failed)
+    change.failed_connections = {slug: str(error) for slug, error in failed.items()}
+    change.refused_files = await asyncio.to_thread(record_refused_files, connectors, warehouse)
     return change.listed, change
 
 
-def record_refused_files(connector: Connector, warehouse: Warehouse) -> list[dict] | None:
+def record_refused_files(connector: Connector | Connectors, warehouse: Warehouse) -> list[dict] | None:
     """File sources (SAF-T: `refused_file_report`) store the files they refused or ignored in the
     warehouse's `refused_files`; returns those rows (None for other sources)."""
-    report = getattr(connector, "refused_file_report", None)
-    if report is None:
+    connectors = Connectors.of(connector)
+    reports = [report() for c in connectors.values() if (report := getattr(c, "refused_file_report", None))]
+    if not reports:
         return None
-    rows, present = report()
-    warehouse.record_refused_files(connector.erp, rows, present=present)
+    rows = [row for found, _ in reports for row in found]
+    present = {name: value for _, shown in reports for name, value in shown.items()}
+    warehouse.record_refused_files(connectors.erp, rows, present=present)
     return rows
 
 
@@ -116,7 +171,7 @@ class LoadedBatch:
 
 
 async def load_tenants(
-    connector: Connector,
+    connector: Connector | Connectors,
     warehouse: Warehouse,
     clients: Iterable[Client],
     *,
@@ -129,34 +184,96 @@ async def load_tenants(
     """Extract `clients` and write them in batches of `batch_tenants`, yielding each batch once it
     is written. A batch is written in a worker thread while the next one is extracted (at most one
     write at a time), so the event loop keeps serving requests during DuckDB writes; memory holds
-    at most two batches plus the tenants in flight, however many tenants a run covers."""
+    at most two batches plus the tenants in flight, however many tenants a run covers.
+
+    With `Connectors`, each client is extracted through its own connection's connector
+    (`Client.connection`), the connections concurrently; a client whose connection is not
+    configured (removed since the last client refresh) fails, naming the connection."""
     what = tuple(what)
+    connectors = Connectors.of(connector)
     warehouse.prepare()  # before any request is in flight (see `Warehouse.prepare`)
     pending: list[TenantExtract] = []
     failed: list[TenantExtract] = []
     writing: asyncio.Future[LoadedBatch] | None = None
     try:
-        async for extract in extract_tenants(
-            connector, clients, what=what, months=months, tenant_concurrency=tenant_concurrency
-        ):
+        async for extract in _extract_by_connection(connectors, clients, what, months, tenant_concurrency,
+                                                    every_client=not isinstance(connector, Connectors)):
             (pending if extract.ok else failed).append(extract)
             if len(pending) >= batch_tenants:
                 if writing is not None:
                     written, writing = writing, None
                     yield await written
                 writing = asyncio.ensure_future(
-                    asyncio.to_thread(_write, warehouse, connector.erp, pending, failed, what, months, run_id)
+                    asyncio.to_thread(_write, warehouse, connectors.erp, pending, failed, what, months, run_id)
                 )
                 pending, failed = [], []
-        await asyncio.to_thread(record_refused_files, connector, warehouse)  # e.g. files failing the XSD
+        await asyncio.to_thread(record_refused_files, connectors, warehouse)  # e.g. files failing the XSD
         if writing is not None:
             written, writing = writing, None
             yield await written
         if pending or failed:
-            yield await asyncio.to_thread(_write, warehouse, connector.erp, pending, failed, what, months, run_id)
+            yield await asyncio.to_thread(_write, warehouse, connectors.erp, pending, failed, what, months, run_id)
     finally:
         if writing is not None:  # never leave a write running behind: wait for it (its result stands)
             await asyncio.shield(writing)
+
+
+async def _extract_by_connection(connectors: Connectors, clients: Iterable[Client], what: tuple[str, ...],
+                                 months: list[dt.date], tenant_concurrency: int, *,
+                                 every_client: bool = False) -> AsyncIterator[TenantExtract]:
+    """`extract_tenants` per connection, concurrently, merged as tenants finish. `every_client`:
+    one connector was given, and it serves every client whatever its connection."""
+    groups: dict[str, list[Client]] = {}
+    for client in clients:
+        groups.setdefault(DEFAULT if every_client else client.connection, []).append(client)
+    unknown = {slug: group for slug, group in groups.items() if slug not in connectors}
+    for slug, group in unknown.items():
+        error = ConfigError(f"{connectors.erp} connection {slug!r} is not configured (removed?)", erp=connectors.erp,
+                            fix=f"add it again (erp-pipelines connections add {connectors.erp} --name ...), or "
+                            f"refresh {connectors.erp}/clients so its tenants show as revoked")
+        for client in group:
+            yield TenantExtract(client, error=error)
+    streams = [(slug, group) for slug, group in groups.items() if slug in connectors]
+    if len(streams) == 1:
+        slug, group = streams[0]
+        async for extract in extract_tenants(connectors[slug], group, what=what, months=months,
+                                             tenant_concurrency=tenant_concurrency):
+            yield _told_as_connection(connectors, slug, extract)
+        return
+    queue: asyncio.Queue = asyncio.Queue()  # holds finished tenants only: each stream bounds its own
+    finished = object()
+
+    async def pump(slug: str, group: list[Client]) -> None:
+        try:
+            async for extract in extract_tenants(connectors[slug], group, what=what, months=months,
+                                                 tenant_concurrency=tenant_concurrency):
+                queue.put_nowait(_told_as_connection(connectors, slug, extract))
+        finally:
+            queue.put_nowait(finished)
+
+    tasks = [asyncio.ensure_future(pump(slug, group)) for slug, group in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is finished:
+                remaining -= 1
+                done = [task for task in tasks if task.done() and task.exception() is not None]
+                if done:
+                    raise done[0].exception()
+                continue
+            yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _told_as_connection(connectors: Connectors, slug: str, extract: TenantExtract) -> TenantExtract:
+    """A refused credential names its connection when an ERP has several (or it is not `default`)."""
+    if isinstance(extract.error, ErpError) and (len(connectors) > 1 or slug != DEFAULT):
+        return dataclasses.replace(extract, error=connection_error(connectors.erp, slug, extract.error))
+    return extract
 
 
 def _write(

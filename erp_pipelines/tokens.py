@@ -110,6 +110,27 @@ class TokenStore:
             if document.pop(name, None) is not None:
                 self._write(document)
 
+    def names(self, prefix: str = "") -> list[str]:
+        """The entry names starting with `prefix` (names never hold a secret)."""
+        with self._locked():
+            return sorted(name for name in self._read() if name.startswith(prefix))
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every entry whose name starts with `prefix` (one connection's cached tokens)."""
+        with self._locked():
+            document = self._read()
+            doomed = [name for name in document if name.startswith(prefix)]
+            for name in doomed:
+                del document[name]
+            if doomed:
+                self._write(document)
+            return len(doomed)
+
+    def scoped(self, prefix: str) -> ScopedTokenStore:
+        """A view whose entry names carry `prefix`: a stored connection's tokens, kept apart from
+        every other connection's and deleted with it (`delete_prefix`)."""
+        return ScopedTokenStore(self, prefix)
+
     def update(self, name: str, change: Callable[[Any], Any]) -> Any:
         """Read-modify-write one entry under the lock (rotating refresh tokens: the new token is
         stored before anyone else can read the old one). `change` returning None deletes it."""
@@ -195,6 +216,29 @@ class TokenStore:
                 os.fsync(directory)
             finally:
                 os.close(directory)
+
+
+class ScopedTokenStore:
+    """`TokenStore.scoped`: the same file, lock and key; every entry name prefixed."""
+
+    def __init__(self, store: TokenStore, prefix: str) -> None:
+        self.store, self.prefix = store, prefix
+        self.path = store.path
+
+    def __repr__(self) -> str:
+        return f"ScopedTokenStore({str(self.path)!r}, {self.prefix!r})"
+
+    def get(self, name: str) -> Any:
+        return self.store.get(self.prefix + name)
+
+    def put(self, name: str, value: Any) -> None:
+        self.store.put(self.prefix + name, value)
+
+    def delete(self, name: str) -> None:
+        self.store.delete(self.prefix + name)
+
+    def update(self, name: str, change: Callable[[Any], Any]) -> Any:
+        return self.store.update(self.prefix + name, change)
 
 
 def _check_owner_only(path: Path, what: str) -> None:

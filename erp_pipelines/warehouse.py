@@ -7,6 +7,8 @@
 - DuckDB allows one writing process per file. Connections are short-lived and every access holds
   a file lock (`<warehouse>.lock`), so concurrent runs queue for a moment instead of failing.
   Extraction happens outside the lock; only the write phase is serialised.
+- With `ERP_DUCKLAKE_CATALOG` the same tables live in DuckLake instead (many machines, no lock; a
+  conflicting commit is retried whole): see `warehouse_backends.py`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -23,7 +26,6 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
-from filelock import FileLock
 
 from erp_pipelines.accounts import classify_account
 from erp_pipelines.model import (
@@ -37,6 +39,7 @@ from erp_pipelines.model import (
     resolve_shared_numbers,
 )
 from erp_pipelines.model import auto_activate as model_auto_activate
+from erp_pipelines.warehouse_backends import WarehouseBackend, backend_from_env, retried_on_conflict, rollback
 
 MONEY = pa.decimal128(18, 2)
 
@@ -55,7 +58,8 @@ CREATE TABLE IF NOT EXISTS clients (
     last_error VARCHAR,
     last_error_at TIMESTAMP,
     deactivated_at TIMESTAMP,
-    fiscal_year_start_month SMALLINT
+    fiscal_year_start_month SMALLINT,
+    connection VARCHAR  -- the connection (credential set) the client is reached through
 );
 CREATE TABLE IF NOT EXISTS client_audit (
     recorded_at TIMESTAMP NOT NULL,
@@ -137,11 +141,14 @@ CREATE OR REPLACE VIEW all_balances AS
 # Files written before the client lifecycle: the user's deactivation column, and "ok" renamed
 # "active"; before fiscal years were carried: the client's fiscal-year start; before canonical
 # account columns: account_class and the SAF-T grouping, the old `standard_account` formats (`30`,
-# `salgsinntekt:3000`) moved there (then `_classify_stored_accounts`). Run once per process and file, under the lock; harmless when already applied.
+# `salgsinntekt:3000`) moved there (then `_classify_stored_accounts`); before many connections
+# per ERP: each client's connection (`default`). Run once per process and file, under the lock; harmless when already applied.
 MIGRATIONS = """
 ALTER TABLE clients ADD COLUMN IF NOT EXISTS deactivated_at TIMESTAMP;
 ALTER TABLE clients ADD COLUMN IF NOT EXISTS fiscal_year_start_month SMALLINT;
 UPDATE clients SET status = 'active' WHERE status = 'ok';
+ALTER TABLE clients ADD COLUMN IF NOT EXISTS connection VARCHAR;
+UPDATE clients SET connection = 'default' WHERE connection IS NULL;
 ALTER TABLE accounts ADD COLUMN IF NOT EXISTS account_class VARCHAR;
 ALTER TABLE accounts ADD COLUMN IF NOT EXISTS grouping_category VARCHAR;
 ALTER TABLE accounts ADD COLUMN IF NOT EXISTS grouping_code VARCHAR;
@@ -199,7 +206,7 @@ RECONCILIATION_SCHEMA = pa.schema(
 )
 CLIENT_COLUMNS = (
     "erp, org_number, erp_client_id, name, status, status_reason, first_seen_at, last_seen_at, revoked_at, "
-    "last_extracted_at, last_error, last_error_at, deactivated_at, fiscal_year_start_month"
+    "last_extracted_at, last_error, last_error_at, deactivated_at, fiscal_year_start_month, connection"
 )
 ENABLED = (ClientStatus.ACTIVE, ClientStatus.NO_API_ACCESS)
 HOLDER_RANK = {ClientStatus.ACTIVE: 0, ClientStatus.NO_API_ACCESS: 0, ClientStatus.INACTIVE: 1, ClientStatus.REVOKED: 2}
@@ -245,6 +252,8 @@ class ClientRegistryChange:
     listed: list[Client] = dataclasses.field(default_factory=list)  # the listing with its final statuses
     # file sources: `refused_files` rows of the listing (reason "ignored_type" for ignored files)
     refused_files: list[dict[str, Any]] | None = None
+    # connections whose listing failed this time (their clients kept as they were) → the error
+    failed_connections: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def registered(self) -> list[str]:
@@ -260,6 +269,7 @@ class ClientRegistryChange:
             "tenants_reactivated": len(self.reactivated),
             "tenants_revoked": len(self.revoked),
             "tenants_rejected": len(self.rejected),
+            **({"connections_failed": len(self.failed_connections)} if self.failed_connections else {}),
             **({} if self.refused_files is None else {
                 "files_refused": sum(r["reason"] != "ignored_type" for r in self.refused_files),
                 "files_ignored": sum(r["reason"] == "ignored_type" for r in self.refused_files),
@@ -275,38 +285,44 @@ class WriteResult:
     lock_wait_seconds: float
 
 
+def _schema_digest() -> str:
+    return hashlib.sha256((SCHEMA + MIGRATIONS + VIEWS).encode()).hexdigest()[:16]
+
+
+def _create_schema(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(SCHEMA)
+    con.execute(MIGRATIONS)
+    _classify_stored_accounts(con)
+    con.execute(VIEWS)
+
+
 class Warehouse:
-    def __init__(self, path: str | os.PathLike[str], *, lock_timeout: float = 900.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, lock_timeout: float = 900.0,
+                 backend: WarehouseBackend | None = None) -> None:
+        """The warehouse file at `path`, or the DuckLake catalog when `ERP_DUCKLAKE_CATALOG` is set
+        (`backend_from_env`); `backend` chooses explicitly."""
         self.path = Path(path)
         self.lock_timeout = lock_timeout
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(self.path) + ".lock", timeout=lock_timeout)
+        self.backend = backend or backend_from_env(self.path, os.environ, lock_timeout=lock_timeout)
         self._schema_ready = False
 
     def __repr__(self) -> str:
-        return f"Warehouse({str(self.path)!r})"
+        return f"Warehouse({self.backend.describe()!r})"
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A short-lived connection under the cross-process lock."""
-        with self._lock:
-            con = duckdb.connect(str(self.path))
-            try:
-                if not self._schema_ready:
-                    con.execute(SCHEMA)
-                    con.execute(MIGRATIONS)
-                    _classify_stored_accounts(con)
-                    con.execute(VIEWS)
-                    self._schema_ready = True
-                yield con
-            finally:
-                con.close()
+        """A short-lived connection (under the cross-process lock, for the DuckDB file)."""
+        with self.backend.connection() as con:
+            if not self._schema_ready:
+                self.backend.setup_schema(con, _create_schema, _schema_digest())
+                self._schema_ready = True
+            yield con
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         """The cross-process lock without a connection: while held, another process (dbt) may
-        open the file and write; every other writer of this warehouse waits."""
-        with self._lock:
+        open the file and write; every other writer of this warehouse waits. (DuckLake: no lock.)"""
+        with self.backend.exclusive():
             yield
 
     @contextlib.contextmanager
@@ -319,7 +335,7 @@ class Warehouse:
                 yield con, waited
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                rollback(con)
                 raise
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
@@ -341,11 +357,12 @@ class Warehouse:
 
     def clients(self, erp: str) -> list[Client]:
         rows = self.query(
-            "SELECT org_number, erp_client_id, name, status, status_reason FROM clients WHERE erp = ? "
-            "ORDER BY first_seen_at, erp_client_id",
+            "SELECT org_number, erp_client_id, name, status, status_reason, connection FROM clients WHERE erp = ? "
+            "ORDER BY first_seen_at, erp_client_id, connection",
             [erp],
         )
-        return [Client(erp, org, cid, name, ClientStatus(status), reason) for org, cid, name, status, reason in rows]
+        return [Client(erp, org, cid, name, ClientStatus(status), reason, connection)
+                for org, cid, name, status, reason, connection in rows]
 
     def active_clients(self, erp: str, org_numbers: Iterable[str] | None = None) -> dict[str, Client]:
         """Active tenants by organisation number (optionally only the given ones)."""
@@ -356,16 +373,23 @@ class Warehouse:
             if c.is_active and (wanted is None or c.org_number in wanted)
         }
 
+    @retried_on_conflict
     def record_clients(self, erp: str, listed: list[Client], *, seen_at: dt.datetime | None = None,
-                       unresolved: Iterable[str] = (), auto_activate: bool | None = None) -> ClientRegistryChange:
+                       unresolved: Iterable[str | tuple[str, str]] = (), auto_activate: bool | None = None,
+                       failed_connections: Iterable[str] = ()) -> ClientRegistryChange:
         """Store one complete client listing (classified by `classify_clients` or at least by
         `apply_number_rules`). Clients no longer listed are marked revoked (history is kept); a
         re-listed one comes back. A number already held in the registry stays with its holder: a
         newcomer sharing it is rejected, naming the holder. A new valid client starts active, or
         inactive when `auto_activate` is false (default: `ERP_AUTO_ACTIVATE`). Clients the user
         deactivated stay inactive. `unresolved`: ERP client ids the ERP could not describe this
-        time (a passing failure): they stay as they were."""
-        unresolved = set(unresolved)
+        time (a passing failure): they stay as they were; an id alone, or (connection, id).
+
+        `listed` holds every connection's listing of the ERP (`Client.connection`), so a number
+        reached through two connections stays with its holder; `failed_connections`: connections
+        whose listing failed this time: their clients stay as they were (not revoked)."""
+        unresolved = {u if isinstance(u, tuple) else (None, u) for u in unresolved}
+        failed_connections = set(failed_connections)
         seen_at = seen_at or utcnow()
         auto = model_auto_activate(os.environ) if auto_activate is None else auto_activate
         # the registry, not the listing's order, decides who holds a shared number
@@ -373,15 +397,15 @@ class Warehouse:
                   for c in dict.fromkeys(listed)]
         with self._transaction() as (con, _):
             existing = {
-                row[2]: row
+                (row[14], row[2]): row
                 for row in con.execute(f"SELECT {CLIENT_COLUMNS} FROM clients WHERE erp = ?", [erp]).fetchall()
             }
             listed = resolve_shared_numbers(listed, _registry_holders(erp, existing, listed))
             rows, new, reactivated, revoked, final = [], [], [], [], []
             listed_ids = set()
             for client in listed:
-                listed_ids.add(client.erp_client_id)
-                old = existing.get(client.erp_client_id)
+                listed_ids.add((client.connection, client.erp_client_id))
+                old = existing.get((client.connection, client.erp_client_id))
                 status, reason = client.status, client.status_reason
                 deactivated_at = old[12] if old else None
                 if status == ClientStatus.REJECTED:
@@ -406,14 +430,15 @@ class Warehouse:
                 final.append(replace(client, status=status, status_reason=reason))
                 if old is None:
                     rows.append((erp, client.org_number, client.erp_client_id, client.name, status, reason,
-                                 seen_at, seen_at, None, None, None, None, deactivated_at, None))
+                                 seen_at, seen_at, None, None, None, None, deactivated_at, None, client.connection))
                 else:
                     rows.append((erp, client.org_number, client.erp_client_id, client.name, status, reason,
-                                 old[6], seen_at, None, old[9], old[10], old[11], deactivated_at, old[13]))
-            for client_id, old in existing.items():
-                if client_id in listed_ids:
+                                 old[6], seen_at, None, old[9], old[10], old[11], deactivated_at, old[13], old[14]))
+            for key, old in existing.items():
+                if key in listed_ids:
                     continue
-                if client_id not in unresolved and old[4] in (*ENABLED, ClientStatus.INACTIVE):
+                passing = key in unresolved or (None, key[1]) in unresolved or key[0] in failed_connections
+                if not passing and old[4] in (*ENABLED, ClientStatus.INACTIVE):
                     revoked.append(old[1])
                     rows.append(old[:4] + (ClientStatus.REVOKED, "no longer listed by the ERP: access was withdrawn",
                                            old[6], old[7], seen_at) + old[9:])
@@ -421,7 +446,7 @@ class Warehouse:
                     rows.append(old)
             con.execute("DELETE FROM clients WHERE erp = ?", [erp])
             if rows:
-                con.executemany(f"INSERT INTO clients ({CLIENT_COLUMNS}) VALUES ({', '.join('?' * 14)})",
+                con.executemany(f"INSERT INTO clients ({CLIENT_COLUMNS}) VALUES ({', '.join('?' * 15)})",
                                 [tuple(str(v) if isinstance(v, ClientStatus) else v for v in r) for r in rows])
         return ClientRegistryChange(
             active=[c.org_number for c in final if c.status in ENABLED],
@@ -433,6 +458,7 @@ class Warehouse:
             listed=final,
         )
 
+    @retried_on_conflict
     def record_extraction_outcomes(
         self, erp: str, *, succeeded: Iterable[str], failed: Mapping[str, tuple[str, bool]], at: dt.datetime | None = None,
         fiscal_year_starts: Mapping[str, int] | None = None,
@@ -470,6 +496,7 @@ class Warehouse:
 
     # ------------------------------------------------------------------------------ refused files
 
+    @retried_on_conflict
     def record_refused_files(self, erp: str, rows: Iterable[Mapping[str, Any]], *, present: Mapping[str, str],
                              seen_at: dt.datetime | None = None) -> None:
         """Store a file source's refused and ignored files (rows: file_name, fingerprint, reason, message,
@@ -513,6 +540,12 @@ class Warehouse:
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
+    def tenants_per_connection(self, erp: str | None = None) -> dict[tuple[str, str], int]:
+        """(ERP, connection) → how many enabled tenants (active or waiting for API access) it serves."""
+        rows = self.query("SELECT erp, connection, count(*) FILTER (WHERE status IN ('active', 'no_api_access')) "
+                          "FROM clients WHERE ? IS NULL OR erp = ? GROUP BY ALL", [erp, erp])
+        return {(e, c): n for e, c, n in rows}
+
     def enabled_never_extracted(self, erp: str) -> set[str]:
         """Numbers of enabled clients without a successful extraction (new, purged, or just given a
         number another client held): they need a full sync even if the partition was loaded before."""
@@ -520,6 +553,7 @@ class Warehouse:
                           "AND last_extracted_at IS NULL", [erp])
         return {org for (org,) in rows}
 
+    @retried_on_conflict
     def activate_client(self, erp: str, client_id: str, *, actor: str | None = None,
                         at: dt.datetime | None = None) -> list[str]:
         """Make one client active, in one transaction. When another client holds its number, the
@@ -566,6 +600,7 @@ class Warehouse:
                 _audit(con, at, erp, org, other, "deactivate", None, f"number moved to client {client_id}", actor)
         return moved_from
 
+    @retried_on_conflict
     def deactivate_client(self, erp: str, client_id: str, *, actor: str | None = None,
                           at: dt.datetime | None = None) -> None:
         """Mark a client deactivated: an enabled one becomes inactive (no runs; history kept); a
@@ -604,6 +639,7 @@ class Warehouse:
                 for table in self.tenant_tables()
             }
 
+    @retried_on_conflict
     def purge_tenant(self, erp: str, org_number: str, *, actor: str | None = None,
                      at: dt.datetime | None = None) -> dict[str, int]:
         """Delete every row of one tenant from every table, in one transaction; the client stays
@@ -717,6 +753,7 @@ class Warehouse:
         table = pa.Table.from_pydict(columns, schema=RECONCILIATION_SCHEMA)
         return self._replace("reconciliation", erp, list(by_tenant), table, window=None)
 
+    @retried_on_conflict
     def _replace(
         self, table_name: str, erp: str, tenants: list[str], rows: pa.Table,
         window: tuple[str, dt.date, dt.date] | None,
@@ -811,16 +848,16 @@ def waiting_reason(erp: str, org_number: str) -> str:
 def _registry_holders(erp: str, existing: Mapping[str, tuple], listed: list[Client]) -> dict[str, Client]:
     """Number → the registered client holding it: an enabled one first, then inactive, then revoked
     (the first seen among equals). A client the listing now rejects holds nothing."""
-    listed_by_id = {c.erp_client_id: c for c in listed}
+    listed_by_id = {(c.connection, c.erp_client_id): c for c in listed}
     holders: dict[str, Client] = {}
     ranked = sorted((row for row in existing.values() if row[4] in HOLDER_RANK),
-                    key=lambda row: (HOLDER_RANK[ClientStatus(row[4])], row[6], client_id_order(row[2])))
+                    key=lambda row: (HOLDER_RANK[ClientStatus(row[4])], row[6], client_id_order(row[2]), row[14]))
     for row in ranked:
-        now = listed_by_id.get(row[2])
+        now = listed_by_id.get((row[14], row[2]))
         if now is not None and now.status == ClientStatus.REJECTED:
             continue
         number = now.org_number if now is not None else row[1]
-        holders.setdefault(number, Client(erp, number, row[2], row[3], ClientStatus(row[4])))
+        holders.setdefault(number, Client(erp, number, row[2], row[3], ClientStatus(row[4]), connection=row[14]))
     return holders
 
 

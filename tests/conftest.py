@@ -25,3 +25,28 @@ def _no_dagster_state_storage_from_other_tests():
     "Attempted to resolve undefined DagsterInstance weakref" in whichever test comes next."""
     with set_defs_state_storage(None):
         yield
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A running private PostgreSQL cluster (tests/postgres_support.py), shared by the session."""
+    from postgres_support import PostgresUnavailable, private_cluster
+
+    try:
+        with private_cluster() as cluster:
+            yield cluster
+    except PostgresUnavailable as error:
+        pytest.fail(str(error))
+
+
+@pytest.fixture(params=["duckdb", "ducklake"])
+def warehouse_backend(request, monkeypatch, tmp_path):
+    """The warehouse backend a test runs against. "ducklake" sets ERP_DUCKLAKE_CATALOG (a fresh
+    catalog database in the private PostgreSQL cluster, its password in PGPASSWORD) and
+    ERP_DUCKLAKE_DATA_PATH, so every `Warehouse`, in this process and in the ones it starts, is on it."""
+    if request.param == "ducklake":
+        from postgres_support import ducklake_env
+
+        for name, value in ducklake_env(request.getfixturevalue("postgres_cluster"), tmp_path / "lake-data").items():
+            monkeypatch.setenv(name, value)
+    return request.param

@@ -81,15 +81,19 @@ class _HangingConnection:
             time.sleep(3600)
         return self._connection.execute(sql, *args, **kwargs)
 
+    def cursor(self):  # DuckLake: each warehouse connection is a cursor of one attached database
+        return _HangingConnection(self._connection.cursor(), self._marker, hang_before_commit=self._hang_before_commit,
+                                  insert_markers=self._insert_markers)
+
     def __getattr__(self, name):
         return getattr(self._connection, name)
 
 
 def _patch_duckdb(marker: Path, *, insert_markers: bool) -> None:
-    """Every connection the warehouse opens from now on is a `_HangingConnection`."""
+    """Every connection the warehouse opens from now on (on either backend) is a `_HangingConnection`."""
     import duckdb
 
-    import erp_pipelines.warehouse as warehouse_module
+    import erp_pipelines.warehouse_backends as warehouse_module
 
     class PatchedDuckdb:
         def __getattr__(self, name):
@@ -138,9 +142,9 @@ def main(argv: list[str]) -> None:
     elif mode == "big-insert":
         path, rows, marker = argv[1], int(argv[2]), Path(argv[3])
         table = big_table(rows)
+        _patch_duckdb(marker, insert_markers=True)  # before the first connection: DuckLake keeps its database
         warehouse = Warehouse(path)
         warehouse.ensure_schema()
-        _patch_duckdb(marker, insert_markers=True)
         warehouse._replace("balances", "tripletex", ["BIG"], table, window=None)
     elif mode == "hold-lock":
         path, marker = argv[1], Path(argv[2])

@@ -28,17 +28,24 @@ KIND = {str(number): kind for number, _, kind in CHART}
 INCOME_KINDS = ("OPERATING_REVENUES", "INVESTMENT_INCOME")
 
 
-@pytest.fixture(scope="module")
-def reported(tmp_path_factory):
+@pytest.fixture(scope="module", params=["duckdb", "ducklake"])
+def reported(tmp_path_factory, request):
     """Four Tripletex tenants (one without API-tilgang) and the rejected fixtures, extracted
-    through Dagster, then the reporting models built by dbt in a run of their own."""
+    through Dagster, then the reporting models built by dbt in a run of their own; on each
+    warehouse backend (the DuckDB file; DuckLake, the dbt target `lake`)."""
     tmp_path = tmp_path_factory.mktemp("reporting")
+    if request.param == "ducklake":
+        from postgres_support import ducklake_env
+
+        lake = ducklake_env(request.getfixturevalue("postgres_cluster"), tmp_path / "lake-data")
+    else:
+        lake = {}
     ledger = generate_ledger(4, first_month=HISTORY_START, last_month=THIS_MONTH)
     sandbox = TripletexSandbox(ledger)
     blocked = ledger.valid_tenants[1]
     with (serve(sandbox.app, path="/v2") as url, dg.instance_for_test(temp_dir=str(tmp_path)) as instance,
           pytest.MonkeyPatch.context() as monkeypatch):
-        env = tripletex_env(sandbox, url, tmp_path, TRIPLETEX_HISTORY_START=HISTORY_START.isoformat())
+        env = tripletex_env(sandbox, url, tmp_path, TRIPLETEX_HISTORY_START=HISTORY_START.isoformat(), **lake)
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         httpx.put(url.removesuffix("/v2") + f"/_sandbox/tripletex/clients/{blocked.erp_client_id}/api-access",
@@ -50,7 +57,7 @@ def reported(tmp_path_factory):
         extracted = job.execute_in_process(
             instance=instance, asset_selection=[dg.AssetKey(["tripletex", "accounts"]), BALANCES],
             tags={RANGE_START: tenants[0], RANGE_END: tenants[-1]},
-            run_config={"ops": {"tripletex__balances": {"config": {"full_sync": True}}}},
+            run_config={"ops": {"tripletex__accounts_and_balances": {"config": {"full_sync": True}}}},
         )
         assert extracted.success  # the blocked tenant is a business failure
         report = job.execute_in_process(instance=instance, asset_selection=MODELS, raise_on_error=False)

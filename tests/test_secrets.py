@@ -80,7 +80,7 @@ def test_no_secret_in_logs_events_run_config_ui_storage_or_duckdb(tmp_path, monk
                 instance=instance,
                 asset_selection=[dg.AssetKey(["tripletex", name]) for name in TENANTS],
                 tags={RANGE_START: keys[0], RANGE_END: keys[-1]},
-                run_config={"ops": {"tripletex__balances": {"config": config}}},
+                run_config={"ops": {"tripletex__accounts_and_balances": {"config": config}}},
                 raise_on_error=False,
             )
 

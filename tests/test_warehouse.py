@@ -28,7 +28,8 @@ def balance(period, account, opening, movement):
 
 
 @pytest.fixture
-def warehouse(tmp_path):
+def warehouse(tmp_path, warehouse_backend):
+    """A new warehouse on each backend: the DuckDB file, and DuckLake (tests/conftest.py)."""
     return Warehouse(tmp_path / "w.duckdb")
 
 
@@ -157,7 +158,7 @@ def _write_many(path, worker):
         )
 
 
-def test_concurrent_processes_never_fail_on_the_lock_or_lose_rows(tmp_path):
+def test_concurrent_processes_never_fail_on_the_lock_or_lose_rows(tmp_path, warehouse_backend):
     path = tmp_path / "w.duckdb"
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=_write_many, args=(path, w)) for w in range(4)]

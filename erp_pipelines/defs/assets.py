@@ -2,8 +2,10 @@
 
 - `<erp>/clients` (unpartitioned): refreshes the client registry and adds each new tenant's
   organisation number to the ERP's dynamic partitions.
-- `<erp>/accounts`, `<erp>/balances` (partitioned by organisation number): a run covers a range of
-  tenants, extracted concurrently. Each tenant that lands gets its own materialisation event.
+- `<erp>/accounts`, `<erp>/balances` (partitioned by organisation number): one step
+  (`<erp>__accounts_and_balances`, a multi_asset) extracts both for a range of tenants,
+  concurrently, with one session and one tenant guard per tenant. Either asset can be selected
+  alone. Each tenant that lands gets its own materialisation event on each selected asset.
 - Every tenant that fails gets an `AssetObservation` on its own partition (`tenant_failure` tag)
   naming the client, the error class and the fix, so the partition page says why without the logs.
   (Dagster 1.13's `AssetMaterializationFailure` is internal and cannot be yielded from an asset body.)
@@ -115,8 +117,13 @@ class ErpAssets:
         return [self.accounts_key, self.balances_key]
 
     @property
-    def balances_op(self) -> str:
-        return "__".join(self.balances_key.path)
+    def extract_op(self) -> str:
+        """The one step that writes accounts and balances (its config: `BalanceWindow`)."""
+        return extract_op_name(self.erp)
+
+
+def extract_op_name(erp: str) -> str:
+    return f"{erp}__accounts_and_balances"
 
 def build_erp_assets(erp_config: ErpConfig) -> ErpAssets:
     with warnings.catch_warnings():  # `backfill_policy` is beta and used on purpose: silence that one, here only
@@ -130,14 +137,11 @@ def _build_erp_assets(erp_config: ErpConfig) -> ErpAssets:
     clients_key, accounts_key, balances_key = (dg.AssetKey([erp, name]) for name in ("clients", "accounts", "balances"))
     common = {"group_name": erp, "kinds": {"duckdb", erp}, "owners": erp_config.owners, "pool": f"{erp}_api",
               "required_resource_keys": {erp, WAREHOUSE}}
-    partitioned = {
-        "partitions_def": partitions,
-        "deps": [clients_key],
-        # one run per selected range: what `dagster asset materialize --partition-range` requires;
-        # the schedule and the sensor cut their ranges into runs of ERP_TENANTS_PER_RUN themselves
-        "backfill_policy": dg.BackfillPolicy.single_run(),
-        "output_required": False,
-    }
+    # accounts and balances: partitioned by tenant, one run per selected range (what `dagster asset
+    # materialize --partition-range` requires); the schedule and the sensor cut their ranges into runs
+    # of ERP_TENANTS_PER_RUN themselves
+    spec_common = {"group_name": erp, "kinds": common["kinds"], "owners": common["owners"], "deps": [clients_key],
+                   "partitions_def": partitions}
 
     @dg.asset(
         key=clients_key,
@@ -149,8 +153,10 @@ def _build_erp_assets(erp_config: ErpConfig) -> ErpAssets:
     )
     def clients(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         warehouse = getattr(context.resources, WAREHOUSE).get()
-        connector = getattr(context.resources, erp).connector()
+        connector = getattr(context.resources, erp).connectors()  # one per connection
         listed, change = asyncio.run(await_then_close(connector, refresh_clients(connector, warehouse)))
+        for slug, error in change.failed_connections.items():
+            context.log.error(f"{erp} connection {slug!r}: listing failed; its tenants are kept as they were: {error}")
         existing = set(context.instance.get_dynamic_partitions(partitions.name))
         added = [org for org in change.registered if org not in existing]  # inactive ones too: activation needs no refresh
         if added:
@@ -175,8 +181,13 @@ def _build_erp_assets(erp_config: ErpConfig) -> ErpAssets:
             }
         )
 
-    def load(context: dg.AssetExecutionContext, what: str, months: list[dt.date]) -> Generator[dg.AssetMaterialization | dg.AssetObservation, None, LoadOutcome]:
+    selectable = ((ACCOUNTS, accounts_key), (BALANCES, balances_key))
+
+    def load(context: dg.AssetExecutionContext, months: list[dt.date]) -> Generator[dg.AssetMaterialization | dg.AssetObservation, None, LoadOutcome]:
+        """Extract the run's tenants once for every selected asset (one session, one tenant guard per
+        tenant) and report each landed tenant on each asset's partition."""
         warehouse = getattr(context.resources, WAREHOUSE).get()
+        keys = {what: key for what, key in selectable if key in context.selected_asset_keys}
         wanted = list(context.partition_keys)
         active = warehouse.active_clients(erp, wanted)
         outcome = LoadOutcome(erp, wanted)
@@ -186,67 +197,66 @@ def _build_erp_assets(erp_config: ErpConfig) -> ErpAssets:
             for org in not_active:  # inactive, rejected, revoked or never listed: say which, and the fix
                 failure = TenantFailure.not_loadable(erp, org, [c for c in registered if c.org_number == org])
                 outcome.failures[org] = failure
-                yield failure.observation(context.asset_key)
-        connector = getattr(context.resources, erp).connector()
+                yield from (failure.observation(key) for key in keys.values())
+        connector = getattr(context.resources, erp).connectors()  # each tenant through its connection
         batches = iterate_then_close(
             connector,
             load_tenants(
                 connector, warehouse, [active[o] for o in wanted if o in active],
-                what=(what,), months=months, run_id=context.run.run_id,
+                what=tuple(keys), months=months, run_id=context.run.run_id,
             ),
         )
         for batch in iterate_sync(batches):
             outcome.rows += batch.rows
             landed = [extract.client.org_number for extract in batch.loaded]
-            total, per_tenant = warehouse.row_counts(what, erp, landed) if landed else (0, {})
-            names = warehouse.account_names(erp, landed) if landed and what == BALANCES else {}
-            for extract in batch.loaded:
-                org = extract.client.org_number
-                outcome.loaded.append(org)
-                yield dg.AssetMaterialization(
-                    asset_key=context.asset_key, partition=org,
-                    metadata={**_tenant_metadata(extract, what, months, names),
-                              **table_metadata(what, row_count=total, partition_row_count=per_tenant[org])},
-                )
+            for what, key in keys.items():
+                total, per_tenant = warehouse.row_counts(what, erp, landed) if landed else (0, {})
+                names = warehouse.account_names(erp, landed) if landed and what == BALANCES else {}
+                for extract in batch.loaded:
+                    yield dg.AssetMaterialization(
+                        asset_key=key, partition=extract.client.org_number,
+                        metadata={**_tenant_metadata(extract, what, months, names),
+                                  **table_metadata(what, row_count=total,
+                                                   partition_row_count=per_tenant[extract.client.org_number])},
+                    )
+            outcome.loaded += landed
             for extract in batch.failed:
                 failure = TenantFailure.of_error(extract.client, extract.error)
                 outcome.failures[extract.client.org_number] = failure
-                yield failure.observation(context.asset_key)
+                yield from (failure.observation(key) for key in keys.values())
                 if not failure.expected:
                     context.log.error(failure.message)
-        window = f", months {months[0]:%Y-%m}..{months[-1]:%Y-%m}" if months else ""
+        window = f", months {months[0]:%Y-%m}..{months[-1]:%Y-%m}" if months and BALANCES in keys else ""
         context.log.info(
-            f"{erp} {what}: {outcome.summary()} ({outcome.rows} rows){window}; http: {connector_stats(connector)}"
+            f"{erp} {' and '.join(keys)}: {outcome.summary()} ({outcome.rows} rows){window}; "
+            f"http: {connector_stats(connector)}"
         )
         return outcome
 
-    @dg.asset(
-        key=accounts_key,
-        description=f"Chart of accounts per tenant from {connector_class.display_name}: number, name, the ERP's "
-        "own type and the standard account it maps to. Table `accounts`; a run replaces each landed tenant's chart.",
-        metadata=table_metadata("accounts"),
-        **common,
-        **partitioned,
-    )
-    def accounts(context: dg.AssetExecutionContext) -> Iterator[dg.AssetMaterialization]:
-        outcome = yield from load(context, ACCOUNTS, [])
-        outcome.report(context)
-        outcome.raise_for_unexpected()
-
-    # a multi_asset for `can_subset`: only then may a run leave the checks without a result (no tenant landed)
+    # One step writes both assets: one session and one tenant guard per tenant instead of two. A
+    # multi_asset with `can_subset`: either asset can run alone, and a run may leave the checks
+    # without a result (no tenant landed).
     @dg.multi_asset(
-        name="__".join(balances_key.path),
-        specs=[dg.AssetSpec(
-            balances_key,
-            description=f"Monthly account balances per tenant from {connector_class.display_name}: opening, "
-            "movement, closing in NOK, debit positive, DECIMAL(18,2); profit and loss restarts at the client's "
-            "fiscal-year start. Table `balances`; a run replaces each landed tenant's months in its window. "
-            "Its checks verify the tenants each run loads.",
-            metadata=table_metadata("balances"), owners=common["owners"],
-            group_name=erp, kinds=common["kinds"], deps=[clients_key], partitions_def=partitions,
-            skippable=True,  # each landed tenant is materialised on its own; see `load`
-            freshness_policy=BALANCES_FRESHNESS if connector_class.scheduled_refresh else None,
-        )],
+        name=extract_op_name(erp),
+        specs=[
+            dg.AssetSpec(
+                accounts_key,
+                description=f"Chart of accounts per tenant from {connector_class.display_name}: number, name, the "
+                "ERP's own type and the standard account it maps to. Table `accounts`; a run replaces each landed "
+                "tenant's chart.",
+                metadata=table_metadata("accounts"), skippable=True, **spec_common,
+            ),
+            dg.AssetSpec(
+                balances_key,
+                description=f"Monthly account balances per tenant from {connector_class.display_name}: opening, "
+                "movement, closing in NOK, debit positive, DECIMAL(18,2); profit and loss restarts at the client's "
+                "fiscal-year start. Table `balances`; a run replaces each landed tenant's months in its window. "
+                "Its checks verify the tenants each run loads.",
+                metadata=table_metadata("balances"), skippable=True,  # each landed tenant is materialised on its own
+                freshness_policy=BALANCES_FRESHNESS if connector_class.scheduled_refresh else None,
+                **spec_common,
+            ),
+        ],
         check_specs=[dg.AssetCheckSpec(name, asset=balances_key, description=check.description,
                                        blocking=check.severity == quality.ERROR)
                      for name, check in quality.CHECKS.items()],
@@ -254,23 +264,23 @@ def _build_erp_assets(erp_config: ErpConfig) -> ErpAssets:
         pool=common["pool"],
         required_resource_keys=common["required_resource_keys"],
         partitions_def=partitions,
-        backfill_policy=partitioned["backfill_policy"],
+        backfill_policy=dg.BackfillPolicy.single_run(),  # one run per selected range (see the module doc)
     )
-    def balances(context: dg.AssetExecutionContext, config: BalanceWindow) -> Iterator:
+    def accounts_and_balances(context: dg.AssetExecutionContext, config: BalanceWindow) -> Iterator:
         months = config.months(erp_config.history_start, full_by_default=connector_class.full_sync_by_default)
-        outcome = yield from load(context, BALANCES, months)
+        outcome = yield from load(context, months)
         outcome.report(context)  # unexpected failures fail the step below, after the checks
-        if outcome.loaded:  # nothing landed: no result, rather than "passed" over no tenants
+        selected = {key.name for key in context.selected_asset_check_keys}
+        if outcome.loaded and selected:  # nothing landed: no result, rather than "passed" over no tenants
             warehouse = getattr(context.resources, WAREHOUSE).get()
             names = {c.org_number: c.name for c in warehouse.clients(erp)
                      if c.org_number in outcome.loaded and c.status != ClientStatus.REJECTED}
-            selected = {key.name for key in context.selected_asset_check_keys}
             for name in (n for n in quality.CHECKS if n in selected):
                 yield check_result(name, quality.violations(warehouse, erp, name, tenants=outcome.loaded),
                                    tenants_checked=len(outcome.loaded), names=names)
         outcome.raise_for_unexpected()
 
-    return ErpAssets(erp, connector_class, partitions, clients_key, accounts_key, balances_key, [clients, accounts, balances])
+    return ErpAssets(erp, connector_class, partitions, clients_key, accounts_key, balances_key, [clients, accounts_and_balances])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,14 +294,16 @@ class TenantFailure:
     fix: str | None
     expected: bool  # a business failure: the client (or the user) must act; nothing is broken
     reason: str  # for the summary: "needs API-tilgang", "inactive", "failed (UpstreamError)"
+    connection: str = "default"  # the connection serving the tenant ("-" when none does)
 
     @classmethod
     def of_error(cls, client, error: BaseException) -> "TenantFailure":
         name = type(error).__name__
         fix = redact(error.fix) if isinstance(error, ErpError) and error.fix else None
         if isinstance(error, ClientAccessError):
-            return cls(client.org_number, client.name, name, redact(str(error)), fix, True, _needs(fix))
-        return cls(client.org_number, client.name, name, redact(str(error)), fix, False, f"failed ({name})")
+            return cls(client.org_number, client.name, name, redact(str(error)), fix, True, _needs(fix), client.connection)
+        return cls(client.org_number, client.name, name, redact(str(error)), fix, False, f"failed ({name})",
+                   client.connection)
 
     @classmethod
     def not_loadable(cls, erp: str, org_number: str, registered: list) -> "TenantFailure":
@@ -300,7 +312,8 @@ class TenantFailure:
         fix = message.split(" Fix: ", 1)[1] if " Fix: " in message else None
         client = min(registered, key=lambda c: c.status == ClientStatus.REJECTED, default=None)
         status = str(client.status) if client else "not registered"
-        return cls(org_number, client.name if client else org_number, "ClientNotActive", message, fix, True, status)
+        return cls(org_number, client.name if client else org_number, "ClientNotActive", message, fix, True, status,
+                   client.connection if client else "-")
 
     def observation(self, asset_key: dg.AssetKey) -> dg.AssetObservation:
         """The event on this tenant's partition that the partition page shows."""
@@ -309,7 +322,8 @@ class TenantFailure:
             partition=self.org_number,
             description=self.message,
             metadata={"tenant": self.client_name, "org_number": self.org_number, "error": self.error,
-                      "fix": self.fix or "-", "message": self.message, "outcome": self.reason},
+                      "fix": self.fix or "-", "message": self.message, "outcome": self.reason,
+                      "connection": self.connection},
             tags={TENANT_FAILURE_TAG: "expected" if self.expected else "unexpected"},
         )
 
@@ -389,13 +403,16 @@ def check_result(name: str, found: quality.Violations, *, tenants_checked: int, 
 
 
 def connector_stats(connector) -> dict:
+    if isinstance(connector, dict):  # `Connectors`: per connection when there are several
+        stats = {slug: connector_stats(each) for slug, each in connector.items()}
+        return next(iter(stats.values())) if len(stats) == 1 else stats
     api = getattr(connector, "api", None)
     return api.stats.as_metadata() if api is not None else {}
 
 def _tenant_metadata(extract: TenantExtract, what: str, months: list[dt.date],
                      names: dict[tuple[str, str], str]) -> dict:
     client = extract.client
-    metadata: dict = {"tenant": client.name, "erp_client_id": client.erp_client_id}
+    metadata: dict = {"tenant": client.name, "erp_client_id": client.erp_client_id, "connection": client.connection}
     if what == ACCOUNTS:
         metadata["accounts"] = len(extract.accounts)
         if extract.accounts:
@@ -431,9 +448,10 @@ def _tenant_metadata(extract: TenantExtract, what: str, months: list[dt.date],
     return metadata
 
 def _clients_table(listed) -> str:
-    rows = [(c.org_number or "-", c.name, c.erp_client_id, str(c.status), c.status_reason or "") for c in listed[:200]]
+    rows = [(c.org_number or "-", c.name, c.erp_client_id, c.connection, str(c.status), c.status_reason or "")
+            for c in listed[:200]]
     more = f"\n\n… {len(listed) - 200} more" if len(listed) > 200 else ""
-    return _rows_table(rows, ("orgnr", "name", "client id", "status", "reason")) + more
+    return _rows_table(rows, ("orgnr", "name", "client id", "connection", "status", "reason")) + more
 
 def _rows_table(rows, header) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

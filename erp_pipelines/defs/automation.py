@@ -1,5 +1,10 @@
 """Sensors and schedules. Both request runs through `runs.tenant_range_run_requests`, so thousands
-of tenants go as a few chunked runs rather than a run each."""
+of tenants go as a few chunked runs rather than a run each.
+
+Both cover every connection of the ERP (`connections.py`) and cut runs per connection: each run's
+tenants belong to one connection and the run carries the tag `erp/connection=<erp>/<slug>`, which
+the instance's `tag_concurrency_limits` limit per value, so one connection's backfill never takes
+the run slots another connection's daily refresh needs."""
 
 
 import asyncio
@@ -9,6 +14,7 @@ import json
 
 import dagster as dg
 
+from erp_pipelines.connections import CONNECTION_TAG, DEFAULT
 from erp_pipelines.defs.assets import OSLO, WAREHOUSE, ErpAssets
 from erp_pipelines.defs.runs import tenant_range_run_requests
 from erp_pipelines.model import ClientStatus
@@ -40,7 +46,8 @@ def build_client_access_sensor(erp_assets: ErpAssets, *, chunk_size: int) -> dg.
     )
     def client_access_sensor(context: dg.SensorEvaluationContext, **resources) -> dg.SensorResult:
         warehouse = _resource(context, resources, WAREHOUSE).get()
-        connector = _resource(context, resources, erp).connector()
+        connector = _resource(context, resources, erp).connectors()
+        ensure_pool_slots(context, f"{erp}_api", len(connector))
 
         async def poll():
             listed, change = await refresh_clients(connector, warehouse)
@@ -67,15 +74,19 @@ def build_client_access_sensor(erp_assets: ErpAssets, *, chunk_size: int) -> dg.
         if change.reactivated:  # reported once per reactivation: make each one a new request
             key_material["reactivated_at"] = dt.datetime.now(dt.UTC).isoformat()
         digest = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:12]
-        run_requests = tenant_range_run_requests(
+        run_requests = per_connection_run_requests(
+            erp, warehouse.active_clients(erp),
             ordered_keys=existing + added,
             selected=set(selected),
             chunk_size=chunk_size,
             asset_selection=erp_assets.extract_keys,
             run_key_prefix=f"{erp}-sync-{digest}",
-            run_config={"ops": {erp_assets.balances_op: {"config": {"full_sync": True}}}},
+            run_config={"ops": {erp_assets.extract_op: {"config": {"full_sync": True}}}},
             tags={"erp": erp, "erp/trigger": "client-access"},
         )
+        for slug, error in change.failed_connections.items():
+            context.log.error(f"{erp}: listing the clients of connection {slug!r} failed; its tenants are kept "
+                              f"as they were: {error}")
         for org in change.revoked:
             context.log.info(f"{erp}: access to tenant {org} was withdrawn; recorded as revoked")
         for org in changed:
@@ -130,9 +141,10 @@ def build_daily_balance_schedule(erp_assets: ErpAssets, *, chunk_size: int, cron
             return dg.SkipReason(f"no active {erp} tenants: materialise {erp}/clients, or activate one "
                                  f"(erp-pipelines clients activate {erp} ORGNR)")
         day = context.scheduled_execution_time.astimezone(OSLO).date()
-        return tenant_range_run_requests(
+        return per_connection_run_requests(
+            erp, active,
             ordered_keys=ordered,
-            selected=active,
+            selected=set(active),
             chunk_size=chunk_size,
             asset_selection=erp_assets.extract_keys,
             run_key_prefix=f"{erp}-daily-{day.isoformat()}",
@@ -140,6 +152,37 @@ def build_daily_balance_schedule(erp_assets: ErpAssets, *, chunk_size: int, cron
         )
 
     return daily_balances
+
+
+def ensure_pool_slots(context, pool: str, connections: int) -> None:
+    """With several connections, the ERP's pool (`<erp>_api`, fixed per asset) gets a slot per
+    connection, so one connection's running step never holds back another connection's run (each
+    connection is limited to one run by the `erp/connection` run tag limit). Never lowers a limit."""
+    if connections < 2:
+        return
+    storage = context.instance.event_log_storage
+    info = storage.get_concurrency_info(pool)
+    current = info.slot_count if pool in storage.get_concurrency_keys() else (
+        context.instance.global_op_concurrency_default_limit or 0)
+    if current and current < connections:
+        storage.set_concurrency_slots(pool, connections)
+        context.log.info(f"pool {pool}: {current} -> {connections} slots, one per connection")
+
+
+def per_connection_run_requests(erp: str, holders: dict, *, selected: set[str], tags: dict[str, str],
+                                **options) -> list[dg.RunRequest]:
+    """`tenant_range_run_requests` per connection: each run's tenants belong to one connection
+    (`holders`: organisation number → the enabled client holding it), tagged `erp/connection`."""
+    by_connection: dict[str, set[str]] = {}
+    for org in selected:
+        holder = holders.get(org)
+        by_connection.setdefault(holder.connection if holder is not None else DEFAULT, set()).add(org)
+    return [
+        request
+        for slug, orgs in sorted(by_connection.items())
+        for request in tenant_range_run_requests(selected=orgs, tags={**tags, CONNECTION_TAG: f"{erp}/{slug}"},
+                                                 **options)
+    ]
 
 
 def _resource(context, passed: dict, key: str):

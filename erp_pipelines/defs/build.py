@@ -10,6 +10,7 @@ from erp_pipelines.defs.automation import build_client_access_sensor, build_dail
 from erp_pipelines.defs.clients import CLIENT_JOBS, build_full_sync_job
 from erp_pipelines.defs.reporting import DBT, build_reporting_models
 from erp_pipelines.defs.resources import WarehouseResource, erp_resource_from_env
+from erp_pipelines.defs.retention import build_run_retention, retention_days
 from erp_pipelines.errors import ConfigError
 
 
@@ -37,6 +38,9 @@ def build_definitions(environ: Mapping[str, str] | None = None) -> dg.Definition
     reporting_models, resources[DBT] = build_reporting_models([built.erp for built in built_erps],
                                                               owners=config.erps[0].owners)
     assets.append(reporting_models)
+    retention_job, retention_schedule = build_run_retention(retention_days(environ))
+    jobs.append(retention_job)
+    schedules.append(retention_schedule)
     sensors.append(dg.AutomationConditionSensorDefinition(
         "reporting_automation_sensor", target=dg.AssetSelection.groups("reporting"),
         default_status=dg.DefaultSensorStatus.RUNNING,

@@ -64,29 +64,27 @@ def _fail(exc: ErpError) -> dg.Failure:
     return dg.Failure(description=str(exc), allow_retries=False)
 
 
-@dg.op(required_resource_keys={WAREHOUSE})
-def activate_clients(context: dg.OpExecutionContext, config: ClientCommand) -> dg.Output:
-    """Aktiver: make the client(s) active; a shared number moves to the activated client."""
-    warehouse = getattr(context.resources, WAREHOUSE).get()
-    try:
-        changes = clients.activate(warehouse, config.erp, config.org_number, client_id=config.client_id,
-                                   all_clients=config.all, actor=launched_by(context))
-    except ErpError as exc:
-        raise _fail(exc) from None
-    _ensure_partitions(context, config.erp, [c.client.org_number for c in changes if c.after == "active"])
-    return _report(context, changes)
+def _status_op(name: str, command, description: str) -> dg.OpDefinition:
+    """An op that changes clients' status with `command` (`clients.activate` / `clients.deactivate`)."""
+
+    @dg.op(name=name, description=description, required_resource_keys={WAREHOUSE})
+    def change_status(context: dg.OpExecutionContext, config: ClientCommand) -> dg.Output:
+        warehouse = getattr(context.resources, WAREHOUSE).get()
+        try:
+            changes = command(warehouse, config.erp, config.org_number, client_id=config.client_id,
+                              all_clients=config.all, actor=launched_by(context))
+        except ErpError as exc:
+            raise _fail(exc) from None
+        _ensure_partitions(context, config.erp, [c.client.org_number for c in changes if c.after == "active"])
+        return _report(context, changes)
+
+    return change_status
 
 
-@dg.op(required_resource_keys={WAREHOUSE})
-def deactivate_clients(context: dg.OpExecutionContext, config: ClientCommand) -> dg.Output:
-    """Deaktiver: no scheduled or sensor runs for the client(s); history kept."""
-    warehouse = getattr(context.resources, WAREHOUSE).get()
-    try:
-        changes = clients.deactivate(warehouse, config.erp, config.org_number, client_id=config.client_id,
-                                     all_clients=config.all, actor=launched_by(context))
-    except ErpError as exc:
-        raise _fail(exc) from None
-    return _report(context, changes)
+activate_clients = _status_op("activate_clients", clients.activate,
+                              "Aktiver: make the client(s) active; a shared number moves to the activated client.")
+deactivate_clients = _status_op("deactivate_clients", clients.deactivate,
+                                "Deaktiver: no scheduled or sensor runs for the client(s); history kept.")
 
 
 @dg.op(required_resource_keys={WAREHOUSE})
@@ -133,7 +131,7 @@ def build_full_sync_job(erp_assets: ErpAssets):
     return dg.define_asset_job(
         full_sync_job_name(erp_assets.erp),
         selection=dg.AssetSelection.assets(*erp_assets.extract_keys),
-        config={"ops": {erp_assets.balances_op: {"config": {"full_sync": True}}}},
+        config={"ops": {erp_assets.extract_op: {"config": {"full_sync": True}}}},
         tags={"erp": erp_assets.erp, "erp/trigger": "full-sync"},
         description=f"Full synkronisering of {erp_assets.erp} tenants: accounts and every month from the history start.",
     )

@@ -147,13 +147,20 @@ class Connector(abc.ABC):
         await self.aclose()
 
 
+def stated_org_number(raw: Any) -> str:
+    """An organisation number as an ERP states it: normalised when valid, else as given (the client
+    rules and the tenant guard then name it as given)."""
+    value = str(raw or "")
+    try:
+        return normalise_tenant_id(value)
+    except ValueError:
+        return value
+
+
 def require_same_company(client: Client, name: str, reported: str, *, source: str, erp: str, fix: str) -> None:
     """The tenant guard's comparison: the organisation number the ERP states (`reported`, normalised
     when valid) must be the partition's; otherwise `TenantMismatch` and nothing is stored."""
-    try:
-        reported = normalise_tenant_id(reported)
-    except ValueError:
-        pass
+    reported = stated_org_number(reported)
     if reported != client.org_number:
         raise TenantMismatch(
             f"{source} answered for {name} (orgnr {reported or 'none'}) instead of this tenant; nothing was stored",

@@ -40,7 +40,6 @@ from erp_pipelines.erps.base import BilingualFix, Connector, Setting, require_fi
 from erp_pipelines.erps.kit import (
     ClientCredentials,
     Cursor,
-    Page,
     QueryBook,
     RateLimit,
     Reply,
@@ -247,7 +246,7 @@ class BusinessNxtConnector(Connector):
     async def fetch_accounts(self, client: Client) -> list[Account]:
         fetch = page_fetcher(self.api, self._endpoint, queries().query("general_ledger_accounts"),
                              {"companyNo": int(client.erp_client_id)}, auth=self._auth, tenant=client.label)
-        style = CountedCursor(self._page_size, "data.useCompany.generalLedgerAccount", rows="items")
+        style = Cursor(self._page_size, "data.useCompany.generalLedgerAccount", rows="items", version_key="totalCount")
         rows = await read_all(fetch, style, where="query general_ledger_accounts", erp=ERP, tenant=client.label,
                               identity=lambda row: row.get("accountNo") if isinstance(row, dict) else None)
         accounts = []
@@ -315,18 +314,6 @@ class BusinessNxtConnector(Connector):
 
 
 # ---------------------------------------------------------------------------------------- helpers
-
-
-class CountedCursor(Cursor):
-    """The kit's Relay `Cursor`, with the connection's `totalCount` as the list's version: a row
-    inserted or removed while the list is paged changes it, and `read_all` reads the list again."""
-
-    def page(self, reply: Reply, state: str | None, where: str) -> Page:
-        page = super().page(reply, state, where)
-        node: Any = reply.body
-        for part in self.connection.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        return Page(page.items, page.next, node.get("totalCount"))
 
 
 def fiscal_year_start(month: dt.date) -> dt.date:

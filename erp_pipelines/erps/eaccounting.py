@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from erp_pipelines.erps.base import BilingualFix, Connector, Setting, require_fields
+from erp_pipelines.erps.base import BilingualFix, Connector, Setting, require_fields, stated_org_number
 from erp_pipelines.erps.kit import (
     ApiClient,
     OAuthApp,
@@ -291,11 +291,7 @@ def _client_of(settings: Any, tenant: str | None) -> Client:
     _require(settings, ("Name",), "companysettings", tenant)
     if not settings.get("CompanyIdentifier"):
         _require(settings, ("CompanyIdentifier",), "companysettings", tenant)
-    raw = str(settings.get("CorporateIdentityNumber") or "")
-    try:
-        number = normalise_tenant_id(raw)
-    except ValueError:
-        number = raw
+    number = stated_org_number(settings.get("CorporateIdentityNumber"))
     return Client(ERP, number, str(settings["CompanyIdentifier"]), str(settings["Name"]))
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from erp_pipelines.erps.base import BilingualFix, Connector, Setting, require_fields
+from erp_pipelines.erps.base import BilingualFix, Connector, Setting, require_fields, stated_org_number
 from erp_pipelines.erps.kit import (
     OAuthApp,
     PageNumber,
@@ -45,7 +45,7 @@ from erp_pipelines.errors import (
     ErpError,
     TenantMismatch,
 )
-from erp_pipelines.model import Account, Balance, Client, normalise_tenant_id
+from erp_pipelines.model import Account, Balance, Client
 from erp_pipelines.tokens import credential_key
 
 PAGE_SIZE = 100  # the documented maximum (NOTES §4)
@@ -202,10 +202,7 @@ class FikenConnector(Connector):
     async def verify_tenant(self, client: Client) -> None:
         company = await self.api.get_json(f"companies/{client.erp_client_id}", auth=self.auth, tenant=client.label)
         _require(company, ("slug",), "companies/{slug}", client.label)
-        try:
-            reported = normalise_tenant_id(str(company.get("organizationNumber") or ""))
-        except ValueError:
-            reported = str(company.get("organizationNumber") or "")
+        reported = stated_org_number(company.get("organizationNumber"))
         if company["slug"] != client.erp_client_id or reported != client.org_number:
             raise TenantMismatch(
                 f"Fiken answered for company {company['slug']} (orgnr {reported or 'none'}) instead of this tenant; "

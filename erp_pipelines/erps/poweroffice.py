@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from erp_pipelines.accounts import AccountClass, classify_account
-from erp_pipelines.erps.base import BilingualFix, Connector, Setting, require_fields
+from erp_pipelines.erps.base import BilingualFix, Connector, Setting, require_fields, stated_org_number
 from erp_pipelines.erps.kit import (
     ClientCredentials,
     PageNumber,
@@ -44,7 +44,7 @@ from erp_pipelines.errors import (
     TenantMismatch,
     UpstreamError,
 )
-from erp_pipelines.model import CENT, Account, Balance, Client, normalise_tenant_id
+from erp_pipelines.model import CENT, Account, Balance, Client
 from erp_pipelines.tokens import credential_key
 
 log = logging.getLogger(__name__)
@@ -217,10 +217,7 @@ class PowerOfficeConnector(Connector):
     async def verify_tenant(self, client: Client) -> None:
         settings = await self._get(client, "OrganizationSettings")
         require_fields(settings, ("Name",), where="OrganizationSettings", erp=self.erp, tenant=client.label)
-        try:
-            reported = normalise_tenant_id(str(settings.get("OrganizationNumber") or ""))
-        except ValueError:
-            reported = str(settings.get("OrganizationNumber") or "")
+        reported = stated_org_number(settings.get("OrganizationNumber"))
         if reported != client.org_number:
             raise TenantMismatch(
                 f"PowerOffice answered for {settings['Name']} (orgnr {reported or 'none'}) instead of this tenant; "

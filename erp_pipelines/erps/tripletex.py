@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 import httpx
 
 from erp_pipelines.accounts import AccountClass, classify_account, saft_mapping
-from erp_pipelines.erps.base import BilingualFix, Connector, Setting, require_fields
+from erp_pipelines.erps.base import BilingualFix, Connector, Setting, require_fields, stated_org_number
 from erp_pipelines.erps.kit import (
     MintedToken,
     Offset,
@@ -36,7 +36,7 @@ from erp_pipelines.errors import (
     TenantMismatch,
     UpstreamError,
 )
-from erp_pipelines.model import Account, Balance, Client, add_months, kroner, normalise_tenant_id
+from erp_pipelines.model import Account, Balance, Client, add_months, kroner
 from erp_pipelines.tokens import TokenStore, credential_key
 
 OSLO = ZoneInfo("Europe/Oslo")
@@ -359,10 +359,7 @@ class TripletexConnector(Connector):
         company = me["company"]
         _require(company, ("id", "organizationNumber"), "token/session/>whoAmI company", client.label)
         reported_id = str(me.get("companyId", company.get("id", "")))
-        try:
-            reported_org = normalise_tenant_id(str(company.get("organizationNumber") or ""))
-        except ValueError:
-            reported_org = str(company.get("organizationNumber") or "")
+        reported_org = stated_org_number(company.get("organizationNumber"))
         id_matches = client.erp_client_id == OWN_COMPANY or reported_id == client.erp_client_id
         if not id_matches or reported_org != client.org_number:
             raise TenantMismatch(

@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from erp_pipelines.erps.base import BilingualFix, Connector, Setting, require_fields
+from erp_pipelines.erps.base import BilingualFix, Connector, Setting, require_fields, stated_org_number
 from erp_pipelines.erps.kit import (
     GraphQLCursor,
     QueryBook,
@@ -54,7 +54,7 @@ from erp_pipelines.errors import (
     TenantMismatch,
     UpstreamError,
 )
-from erp_pipelines.model import Account, Balance, Client, add_months, months_between, normalise_tenant_id
+from erp_pipelines.model import Account, Balance, Client, add_months, months_between
 
 log = logging.getLogger(__name__)
 
@@ -252,10 +252,7 @@ class XledgerConnector(Connector):
             node = _identity_node(reply.body, entity, client.label)
             seen = [(str(node.get("dbId")), _org_number(node))]
         for db_id, org_number in seen:
-            try:
-                org_number = normalise_tenant_id(org_number)
-            except ValueError:
-                pass
+            org_number = stated_org_number(org_number)
             if db_id != entity or org_number != client.org_number:
                 raise TenantMismatch(
                     f"Xledger answered for entity {db_id} (organisation number {org_number or 'none'}) instead of "

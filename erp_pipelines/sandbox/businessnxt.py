@@ -50,9 +50,14 @@ from starlette.types import Message, Receive, Scope
 
 from erp_pipelines.erps.kit.graphql import QueryBook, execute_graphql
 from erp_pipelines.sandbox.common import (
+    AccessToken,
     ErpProfile,
+    PagingMutation,
     RateLimitPolicy,
     SandboxHarness,
+    apply_paging_mutations,
+    bearer_token,
+    expire_all,
     header_value,
     json_bytes,
     json_response,
@@ -96,24 +101,6 @@ class Company:
     access: bool = True  # False: the service user has no access to the company (revoked)
     ledger_rights: bool = True  # False: its access group lost read access to the general ledger
     impersonate_as: int | None = None  # fault: answer with this other company's data
-
-
-@dataclasses.dataclass(frozen=True)
-class AccessToken:
-    client_id: str
-    expires_at: float
-
-
-@dataclasses.dataclass
-class PagingMutation:
-    """Fault: after `after_requests` requests for `table`, a row is inserted at / removed from `position`."""
-
-    table: str
-    action: str = "insert"
-    position: int = 0
-    after_requests: int = 1
-    company_no: int | None = None
-    seen: int = 0
 
 
 class BusinessNxtSandbox(Simulator):
@@ -204,9 +191,7 @@ class BusinessNxtSandbox(Simulator):
 
     def expire_tokens(self) -> int:
         with self._lock:
-            live = sum(1 for token in self._tokens.values() if token.expires_at > self.clock())
-            self._tokens.clear()
-            return live
+            return expire_all(self._tokens, self.clock())
 
     def mutate_during_paging(self, path: str, action: str = "insert", *, position: int = 0,
                              after_requests: int = 1, tenant: TruthTenant | int | str | None = None) -> PagingMutation:
@@ -253,9 +238,8 @@ class BusinessNxtSandbox(Simulator):
         return replay
 
     def _access(self, scope: Scope) -> tuple[str, AccessToken] | None:
-        scheme, _, token = (header_value(scope, "authorization") or "").partition(" ")
-        token = token.strip()
-        access = self._tokens.get(token) if scheme.lower() == "bearer" else None
+        token = bearer_token(header_value(scope, "authorization")) or ""
+        access = self._tokens.get(token)
         return (token, access) if access else None
 
     def _credential_key(self, scope: Scope) -> str | None:
@@ -388,18 +372,8 @@ class BusinessNxtSandbox(Simulator):
     def _mutated(self, table: str, company_no: int, rows: list[dict[str, Any]],
                  phantom: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
         with self._lock:
-            for mutation in self._mutations:
-                if mutation.table != table or mutation.company_no not in (None, company_no):
-                    continue
-                mutation.seen += 1
-                if mutation.seen > mutation.after_requests:
-                    rows = list(rows)
-                    position = min(mutation.position, len(rows))
-                    if mutation.action == "remove":
-                        del rows[position:position + 1]
-                    else:
-                        rows.insert(position, phantom())
-        return rows
+            return apply_paging_mutations(self._mutations, table, company_no, rows, phantom=phantom,
+                                          new_row_each_request=True)
 
 
 # ---------------------------------------------------------------------------------------- helpers

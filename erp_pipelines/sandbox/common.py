@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import dataclasses
 import json
@@ -38,7 +39,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote
 
 import httpx
@@ -51,6 +52,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 ADMIN_PREFIX = "/_sandbox"
 STATE_KEY = "sandbox"  # scope["state"][STATE_KEY]: per-request facts the middlewares share
+Row = TypeVar("Row")  # a list element as a simulator keeps it
 
 
 # ---------------------------------------------------------------------------------------- JSON
@@ -276,18 +278,29 @@ def route_template(routes: list[BaseRoute], scope: Scope) -> str | None:
     return partial
 
 
-class RequestStatsMiddleware:
-    """Outermost layer: request id, in-flight tracking, one `RequestRecord` per API request."""
+class ApiMiddleware:
+    """A layer of the harness: `handle` acts on API requests (the profile's `is_api_request`);
+    every other request passes through untouched."""
 
     def __init__(self, app: ASGIApp, harness: SandboxHarness) -> None:
         self.app = app
         self.harness = harness
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        profile = self.harness.profile
-        if not profile.is_api_request(scope):
+        if self.harness.profile.is_api_request(scope):
+            await self.handle(scope, receive, send)
+        else:
             await self.app(scope, receive, send)
-            return
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class RequestStatsMiddleware(ApiMiddleware):
+    """Outermost layer: request id, in-flight tracking, one `RequestRecord` per API request."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        profile = self.harness.profile
         facts = request_facts(scope)
         request_id = request_id_of(scope)
         facts["tenant"] = profile.tenant_of(scope)
@@ -496,16 +509,9 @@ class RateLimiter:
                 del self._in_flight[key]
 
 
-class RateLimitMiddleware:
-    def __init__(self, app: ASGIApp, harness: SandboxHarness) -> None:
-        self.app = app
-        self.harness = harness
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+class RateLimitMiddleware(ApiMiddleware):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         profile = self.harness.profile
-        if not profile.is_api_request(scope):
-            await self.app(scope, receive, send)
-            return
         limiter = self.harness.rate_limiter
         key = request_facts(scope).get("credential") or "anonymous"
         decision = limiter.acquire(key)
@@ -711,16 +717,9 @@ def drop_json_field(document: Any, dotted: str) -> Any:
     return document
 
 
-class FaultInjectionMiddleware:
-    def __init__(self, app: ASGIApp, harness: SandboxHarness) -> None:
-        self.app = app
-        self.harness = harness
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+class FaultInjectionMiddleware(ApiMiddleware):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         profile, plan = self.harness.profile, self.harness.faults
-        if not profile.is_api_request(scope):
-            await self.app(scope, receive, send)
-            return
         facts = request_facts(scope)
         tenant = facts.get("tenant")
         rules = plan.draw(scope["path"], profile.api_prefix, None if tenant is None else str(tenant))
@@ -890,6 +889,24 @@ class SandboxHarness:
 # ---------------------------------------------------------------------------------------- serving
 
 
+def client_admin_endpoint(action: Callable[[int, dict[str, Any]], Any],
+                          state_of: Callable[[int], Any]) -> Callable[[Request], Awaitable[Response]]:
+    """An admin endpoint under `/clients/{id}/...`: `action(client id, JSON body)`, then the answer
+    `state_of(client id)`; an unknown client (KeyError) is a 404, a bad body a 400."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            client_id = int(request.path_params["id"])
+            action(client_id, json.loads(await request.body() or b"{}"))
+            return json_response(state_of(client_id))
+        except KeyError as exc:
+            return json_response({"error": str(exc.args[0])}, 404)
+        except (ValueError, TypeError) as exc:
+            return json_response({"error": str(exc)}, 400)
+
+    return endpoint
+
+
 class _HideInjectedFaults(logging.Filter):
     """Keep uvicorn from logging a traceback for every fault we injected on purpose."""
 
@@ -940,23 +957,30 @@ class PagingMutation:
     """Fault: from request number `after_requests + 1` on, the list at `path` changes: a row is
     inserted at / removed from `position`, so later pages shift by one."""
 
-    path: str  # the list's path as the simulator names it
+    path: str  # the list's path (or name) as the simulator names it
     action: str = "insert"  # insert | remove
     position: int = 0
     after_requests: int = 1
-    tenant: int | None = None  # client id; None: every company
+    tenant: int | str | None = None  # the simulator's id of the company; None: every company
     seen: int = 0
-    inserted: dict[str, Any] | None = None
+    inserted: Any = None  # the row inserted, made once
 
     def __post_init__(self) -> None:
         if self.action not in ("insert", "remove"):
             raise ValueError("action must be 'insert' or 'remove'")
 
+    def to_json(self) -> dict[str, Any]:
+        """What the admin API answers: the fault as asked for, and how many requests it has seen."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.name != "inserted"}
 
-def apply_paging_mutations(mutations: list[PagingMutation], path: str, tenant: int | None, rows: list[dict[str, Any]],
-                           *, key: str, phantom: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
-    """`rows` as this request sees them; call under the simulator's lock. An inserted row (`phantom`,
-    made once) appears once, whatever row `key` it shares."""
+
+def apply_paging_mutations(mutations: list[PagingMutation], path: str, tenant: int | str | None, rows: list[Row],
+                           *, phantom: Callable[[], Row] | None, identity: Callable[[Row], Any] | None = None,
+                           new_row_each_request: bool = False) -> list[Row]:
+    """`rows` as this request sees them; call under the simulator's lock. The inserted row is made
+    once by `phantom` and then reused; `new_row_each_request`: made anew by every request (a row
+    that depends on the request, such as its month or company). With `identity`, a row already in
+    the list with the inserted row's identity is moved, not repeated. No `phantom`: nothing inserted."""
     for mutation in mutations:
         if mutation.path != path or mutation.tenant not in (None, tenant):
             continue
@@ -967,10 +991,52 @@ def apply_paging_mutations(mutations: list[PagingMutation], path: str, tenant: i
         if mutation.action == "remove":
             rows = rows[:position] + rows[position + 1:]
             continue
-        mutation.inserted = mutation.inserted or phantom()
-        rows = [r for r in rows if r.get(key) != mutation.inserted[key]]
+        if phantom is None:
+            continue
+        if new_row_each_request or mutation.inserted is None:
+            mutation.inserted = phantom()
+        inserted_id = identity(mutation.inserted) if identity else None
+        if inserted_id is not None:
+            rows = [r for r in rows if identity(r) != inserted_id]
+        rows = [*rows]
         rows.insert(min(position, len(rows)), mutation.inserted)
     return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class AccessToken:
+    """A bearer token a simulator minted: for whom (the simulator's own id of a client, company or
+    tenant) and until when (on the simulator's clock)."""
+
+    holder: Any
+    expires_at: float
+
+
+def expire_all(tokens: dict[str, AccessToken], now: float) -> int:
+    """Forget every token (the clients must mint new ones); the number that were still live."""
+    live = sum(1 for token in tokens.values() if token.expires_at > now)
+    tokens.clear()
+    return live
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header; None for no header, another scheme
+    or an empty token."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+
+def basic_credentials(authorization: str | None) -> tuple[str, str] | None:
+    """(username, password) of an `Authorization: Basic <base64>` header; None for no header,
+    another scheme, or one that does not decode to `username:password`."""
+    if not authorization or authorization[:6].lower() != "basic ":
+        return None
+    try:
+        decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    username, sep, password = decoded.partition(":")
+    return (username, password) if sep else None
 
 
 def identity_front(owners: Mapping[str, ASGIApp]) -> Starlette:

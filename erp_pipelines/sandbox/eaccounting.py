@@ -48,6 +48,7 @@ from erp_pipelines.sandbox.common import (
     RateLimitPolicy,
     SandboxHarness,
     apply_paging_mutations,
+    bearer_token,
     header_value,
     json_bytes,
     json_response,
@@ -317,8 +318,7 @@ class EAccountingSandbox(Simulator):
         return [t.grant for t in self.tokens.values()] + list(self.refresh_tokens.values())
 
     def _token_of(self, scope: Scope) -> AccessToken | None:
-        kind, _, value = (header_value(scope, "authorization") or "").partition(" ")
-        return self.tokens.get(value.strip()) if kind.lower() == "bearer" else None
+        return self.tokens.get(bearer_token(header_value(scope, "authorization")) or "")
 
     def _tenant_of(self, scope: Scope) -> str | None:
         token = self._token_of(scope)
@@ -332,9 +332,8 @@ class EAccountingSandbox(Simulator):
 
     def _company(self, request: Request, scopes: set[str]) -> tuple[Company, Company]:
         """(the grant's company, the company whose data answers), after the token and scope checks."""
-        kind, _, value = request.headers.get("authorization", "").partition(" ")
         with self.lock:
-            token = self.tokens.get(value.strip()) if kind.lower() == "bearer" else None
+            token = self.tokens.get(bearer_token(request.headers.get("authorization")) or "")
             if token is None or token.grant.revoked or token.expires_at <= time.monotonic():
                 raise ApiError(401, "Authorization has been denied for this request.")
             if "ea:api" not in token.grant.scopes or not scopes & token.grant.scopes:
@@ -395,7 +394,8 @@ class EAccountingSandbox(Simulator):
                     "AccountTypeDescription": "Balance"}
 
         with self.lock:
-            return apply_paging_mutations(self.paging_mutations, path, client_id, rows, key=key, phantom=phantom)
+            return apply_paging_mutations(self.paging_mutations, path, client_id, rows, phantom=phantom,
+                                          identity=lambda row: row.get(key))
 
     # ------------------------------------------------------------------ API endpoints
 

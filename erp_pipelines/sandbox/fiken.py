@@ -26,8 +26,6 @@ Usage in tests::
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import datetime as dt
 import itertools
@@ -56,6 +54,9 @@ from erp_pipelines.sandbox.common import (
     RateLimitPolicy,
     SandboxHarness,
     apply_paging_mutations,
+    basic_credentials,
+    bearer_token,
+    client_admin_endpoint,
     header_value,
     json_bytes,
     json_response,
@@ -524,14 +525,9 @@ class FikenSandbox(Simulator):
                 "granted": company.granted, "impersonate_as": company.impersonate_as}
 
     # ------------------------------------------------------------------ request identity (for the harness)
-    @staticmethod
-    def _bearer(header: str | None) -> str | None:
-        scheme, _, value = (header or "").partition(" ")
-        return (value.strip() or None) if scheme.lower() == "bearer" else None
-
     def _credential_key(self, scope: Scope) -> str | None:
         """Rate limits are per user (NOTES §5): every token of the sandbox's one user shares one."""
-        value = self._bearer(header_value(scope, "authorization"))
+        value = bearer_token(header_value(scope, "authorization"))
         return USER_KEY if value and (value == self.api_token or value in self.state.tokens) else None
 
     @staticmethod
@@ -549,7 +545,7 @@ class FikenSandbox(Simulator):
         return token.grant is not None and not token.grant.revoked and time.monotonic() < token.expires_at
 
     def _authenticate(self, request: Request) -> AccessToken:
-        value = self._bearer(request.headers.get("authorization"))
+        value = bearer_token(request.headers.get("authorization"))
         if value is None:
             raise unauthorized("Missing bearer token (Authorization: Bearer <token>).")
         if value == self.api_token:
@@ -629,7 +625,8 @@ class FikenSandbox(Simulator):
         client_id = company.tenant.erp_client_id if company else None
         key = "slug" if path == "/companies" else "code"  # a phantom company is a real company from now on
         with self.state.lock:
-            return apply_paging_mutations(self.state.paging_mutations, path, client_id, rows, key=key, phantom=phantom)
+            return apply_paging_mutations(self.state.paging_mutations, path, client_id, rows, phantom=phantom,
+                                          identity=lambda row: row.get(key))
 
     def _phantom_company(self) -> dict[str, Any]:
         tenant = self.add_client()
@@ -759,18 +756,13 @@ class FikenSandbox(Simulator):
 
     def _check_client(self, request: Request) -> None:
         """HTTP Basic client_id:client_secret, else 401 invalid_client."""
-        scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
-        try:
-            decoded = base64.b64decode(encoded.strip(), validate=True).decode() if scheme.lower() == "basic" else ""
-        except (binascii.Error, UnicodeDecodeError):
-            decoded = ""
-        if decoded != f"{self.client_id}:{self.client_secret}":
+        if basic_credentials(request.headers.get("authorization")) != (self.client_id, self.client_secret):
             raise OAuthError(401, "client authentication failed (HTTP Basic client_id:client_secret)",
                              "invalid_client", {"WWW-Authenticate": 'Basic realm="fiken"'})
 
     async def oauth_revoke(self, request: Request) -> Response:
         """Revokes the consent behind the access token: its access and refresh tokens stop working."""
-        value = self._bearer(request.headers.get("authorization"))
+        value = bearer_token(request.headers.get("authorization"))
         if value is None:
             raise OAuthError(400, "Authorization: Bearer <access_token> is required", "invalid_request")
         with self.state.lock:
@@ -803,16 +795,7 @@ class FikenSandbox(Simulator):
     # ------------------------------------------------------------------ admin (HTTP)
     def _admin_routes(self) -> list[Route]:
         def client_action(action: Callable[[int, dict[str, Any]], Any]):
-            async def endpoint(request: Request) -> Response:
-                try:
-                    client_id = int(request.path_params["id"])
-                    action(client_id, json.loads(await request.body() or b"{}"))
-                    return json_response(self._client_state(self._company(client_id)))
-                except KeyError as exc:
-                    return json_response({"error": str(exc.args[0])}, 404)
-                except (ValueError, TypeError) as exc:
-                    return json_response({"error": str(exc)}, 400)
-            return endpoint
+            return client_admin_endpoint(action, lambda client_id: self._client_state(self._company(client_id)))
 
         def body_action(action: Callable[[dict[str, Any]], Any], status: int = 200):
             async def endpoint(request: Request) -> Response:
@@ -830,7 +813,7 @@ class FikenSandbox(Simulator):
 
         def add_paging_mutation(body: dict[str, Any]) -> dict[str, Any]:
             mutation = self.mutate_during_paging(**body)
-            return {k: v for k, v in dataclasses.asdict(mutation).items() if k != "inserted"}
+            return mutation.to_json()
 
         def set_consent(body: dict[str, Any]) -> dict[str, Any]:
             self.set_consent_companies(body.get("companies"))

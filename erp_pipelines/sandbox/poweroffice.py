@@ -26,8 +26,6 @@ Usage in tests::
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import datetime as dt
 import hashlib
@@ -50,9 +48,16 @@ from starlette.routing import Match, Route
 from starlette.types import Scope
 
 from erp_pipelines.sandbox.common import (
+    AccessToken,
     ErpProfile,
+    PagingMutation,
     RateLimitPolicy,
     SandboxHarness,
+    apply_paging_mutations,
+    basic_credentials,
+    bearer_token,
+    client_admin_endpoint,
+    expire_all,
     header_value,
     ids_in_ledger_order,
     json_bytes,
@@ -222,32 +227,9 @@ class ClientState:
 
 
 @dataclasses.dataclass(frozen=True)
-class AccessToken:
-    client_id: int
-    expires_at: float  # on the sandbox's clock
-
-
-@dataclasses.dataclass(frozen=True)
 class Caller:
     client: ClientState  # whose key the token was minted for
     identity: ClientState  # whose data answers (differs when impersonating)
-
-
-@dataclasses.dataclass
-class PagingMutation:
-    """Fault: from request number `after_requests + 1` on, the list at `path` changes: a row is
-    inserted at / removed from `position` (of the whole list), so later pages shift by one."""
-
-    path: str  # relative to /v2: "/GeneralLedgerAccounts", "/TrialBalance", "/AccountTransactions"
-    action: str = "insert"  # insert | remove
-    position: int = 0
-    after_requests: int = 1
-    tenant: int | None = None  # a client id; None = every client
-    seen: int = 0
-
-    def __post_init__(self) -> None:
-        if self.action not in ("insert", "remove"):
-            raise ValueError("action must be 'insert' or 'remove'")
 
 
 def derived_uuid(*parts: Any) -> str:
@@ -451,7 +433,6 @@ class PowerOfficeSandbox(Simulator):
         self._by_key: dict[str, ClientState] = {}
         self._tokens: dict[str, AccessToken] = {}
         self._paging_mutations: list[PagingMutation] = []
-        self._inserted: dict[int, dict[str, Any]] = {}  # id(mutation) -> the row it inserts
         keys = ids_in_ledger_order(ledger.tenants, lambda t, attempt: make_client_key(t.seed, attempt), scope_of_key)
         for tenant in ledger.tenants:
             self._register(tenant, keys[tenant.erp_client_id])
@@ -590,10 +571,7 @@ class PowerOfficeSandbox(Simulator):
         """Every access token issued so far answers 401 from now on (new ones can be minted).
         Returns how many were still live."""
         with self._lock:
-            now = self.clock()
-            live = sum(1 for token in self._tokens.values() if token.expires_at > now)
-            self._tokens.clear()
-            return live
+            return expire_all(self._tokens, self.clock())
 
     def add_client(self, name: str | None = None, org_number: str | None = None,
                    company_type: str = "AS") -> tuple[TruthTenant, str]:
@@ -634,7 +612,6 @@ class PowerOfficeSandbox(Simulator):
     def clear_paging_mutations(self) -> None:
         with self._lock:
             self._paging_mutations.clear()
-            self._inserted.clear()
 
     def client_states(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -664,11 +641,10 @@ class PowerOfficeSandbox(Simulator):
     def _tenant_of(self, scope: Scope) -> str | None:
         header = header_value(scope, "authorization") or ""
         if is_token_path(scope["path"]):
-            state = self._by_key.get((_basic_credentials(header) or ("", ""))[1].strip().lower())
+            state = self._by_key.get((basic_credentials(header) or ("", ""))[1].strip().lower())
         else:
-            scheme, _, token = header.partition(" ")
-            access = self._tokens.get(token.strip()) if scheme.lower() == "bearer" else None
-            state = self._clients.get(access.client_id) if access else None
+            access = self._tokens.get(bearer_token(header) or "")
+            state = self._clients.get(access.holder) if access else None
         return scope_of_key(state.client_key) if state else None
 
     def _error_body(self, status: int, message: str, request_id: str) -> bytes:
@@ -686,16 +662,16 @@ class PowerOfficeSandbox(Simulator):
 
     def _authenticate(self, request: Request, path: str) -> Caller:
         self._require_subscription(request)
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = bearer_token(request.headers.get("authorization"))
+        if token is None:
             raise unauthorized("The access token is missing")
         with self._lock:
-            access = self._tokens.get(token.strip())
+            access = self._tokens.get(token)
             if access is None:
                 raise unauthorized("The access token is invalid")
             if self.clock() >= access.expires_at:
                 raise unauthorized("The access token expired")
-            client = self._clients[access.client_id]
+            client = self._clients[access.holder]
             if not client.active:
                 raise unauthorized("The client integration is not active")
             privilege = PRIVILEGES.get(path)
@@ -714,7 +690,7 @@ class PowerOfficeSandbox(Simulator):
             raise oauth_error("invalid_request", "The grant_type parameter is missing.")  # text UNCONFIRMED
         if grant_type != "client_credentials":
             raise oauth_error("unsupported_grant_type", "Only the client_credentials grant is supported.")
-        application_key, client_key = _basic_credentials(request.headers.get("authorization")) or ("", "")
+        application_key, client_key = basic_credentials(request.headers.get("authorization")) or ("", "")
         with self._lock:
             state = self._by_key.get(client_key.strip().lower())
             known_application = application_key.strip().lower() == self.application_key.lower()
@@ -908,20 +884,8 @@ class PowerOfficeSandbox(Simulator):
 
     def _apply_paging_mutations(self, path: str, caller: Caller, rows: list[dict[str, Any]],
                                 phantom: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
-        with self._lock:
-            for mutation in self._paging_mutations:
-                if mutation.path != path or mutation.tenant not in (None, caller.client.id):
-                    continue
-                mutation.seen += 1
-                if mutation.seen <= mutation.after_requests:
-                    continue
-                rows = list(rows)
-                position = min(mutation.position, len(rows))
-                if mutation.action == "remove":
-                    del rows[position:position + 1]
-                else:  # the same new row on every later request
-                    rows.insert(position, self._inserted.setdefault(id(mutation), phantom()))
-        return rows
+        with self._lock:  # the same new row on every later request
+            return apply_paging_mutations(self._paging_mutations, path, caller.client.id, rows, phantom=phantom)
 
     # ------------------------------------------------------------------ routing and errors
 
@@ -953,17 +917,7 @@ class PowerOfficeSandbox(Simulator):
 
     def _admin_routes(self) -> list[Route]:
         def client_action(action: Callable[[int, dict[str, Any]], Any]):
-            async def endpoint(request: Request) -> Response:
-                try:
-                    client_id = int(request.path_params["id"])
-                    body = json.loads(await request.body() or b"{}")
-                    action(client_id, body)
-                    return json_response(self._client_state(self._client(client_id)))
-                except KeyError as exc:
-                    return json_response({"error": str(exc.args[0])}, 404)
-                except (ValueError, TypeError) as exc:
-                    return json_response({"error": str(exc)}, 400)
-            return endpoint
+            return client_admin_endpoint(action, lambda client_id: self._client_state(self._client(client_id)))
 
         async def list_clients(request: Request) -> Response:
             return json_response(self.client_states())
@@ -984,7 +938,7 @@ class PowerOfficeSandbox(Simulator):
                 mutation = self.mutate_during_paging(**json.loads(await request.body() or b"{}"))
             except (ValueError, TypeError, KeyError) as exc:
                 return json_response({"error": str(exc)}, 400)
-            return json_response(dataclasses.asdict(mutation), 201)
+            return json_response(mutation.to_json(), 201)
 
         async def clear_paging_mutations(request: Request) -> Response:
             self.clear_paging_mutations()
@@ -1018,17 +972,6 @@ class PowerOfficeSandbox(Simulator):
 
 
 # ---------------------------------------------------------------------------------------- helpers
-
-
-def _basic_credentials(header: str | None) -> tuple[str, str] | None:
-    if not header or header[:6].lower() != "basic ":
-        return None
-    try:
-        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    username, sep, password = decoded.partition(":")
-    return (username, password) if sep else None
 
 
 def _voucher_type(voucher: Voucher) -> str:

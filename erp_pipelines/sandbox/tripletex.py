@@ -24,8 +24,6 @@ Usage in tests::
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import datetime as dt
 import hashlib
@@ -47,9 +45,13 @@ from starlette.types import Scope
 from erp_pipelines.sandbox.common import (
     ADMIN_PREFIX,
     ErpProfile,
+    PagingMutation,
     RateLimitHeaderNames,
     RateLimitPolicy,
     SandboxHarness,
+    apply_paging_mutations,
+    basic_credentials,
+    client_admin_endpoint,
     header_value,
     json_bytes,
     json_response,
@@ -350,24 +352,6 @@ class ClientAccess:
 
 
 @dataclasses.dataclass
-class PagingMutation:
-    """Fault: from request number `after_requests + 1` on, the list at `path` changes: an element
-    is inserted at / removed from `position`, so later pages shift by one."""
-
-    path: str  # relative to /v2: "/ledger/account", "/balanceSheet", "/company/>withLoginAccess"
-    action: str = "insert"  # insert | remove
-    position: int = 0
-    after_requests: int = 1
-    tenant: int | None = None
-    seen: int = 0
-    inserted: Node | None = None
-
-    def __post_init__(self) -> None:
-        if self.action not in ("insert", "remove"):
-            raise ValueError("action must be 'insert' or 'remove'")
-
-
-@dataclasses.dataclass
 class Caller:
     """Who is asking, after authentication."""
 
@@ -625,14 +609,7 @@ class TripletexSandbox(Simulator):
     def _basic_credentials(scope_or_header: Scope | str | None) -> tuple[str, str] | None:
         header = header_value(scope_or_header, "authorization") if isinstance(scope_or_header, dict) \
             else scope_or_header
-        if not header or header[:6].lower() != "basic ":
-            return None
-        try:
-            decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-        username, sep, password = decoded.partition(":")
-        return (username, password) if sep else None
+        return basic_credentials(header)
 
     def _credential_key(self, scope: Scope) -> str | None:
         """Rate limits are per employee (token) per API consumer (NOTES §5)."""
@@ -778,28 +755,9 @@ class TripletexSandbox(Simulator):
     def _apply_paging_mutations(self, path: str, caller: Caller | None, nodes: list[Node],
                                 phantom: Callable[[], Node] | None) -> list[Node]:
         tenant_id = caller.company_id if caller else None
-        with self.state.lock:
-            for mutation in self.state.paging_mutations:
-                if mutation.path != path or (mutation.tenant is not None and mutation.tenant != tenant_id):
-                    continue
-                mutation.seen += 1
-                if mutation.seen <= mutation.after_requests:
-                    continue
-                nodes = list(nodes)
-                position = min(mutation.position, len(nodes))
-                if mutation.action == "remove":
-                    if position < len(nodes):
-                        del nodes[position]
-                elif phantom is not None:
-                    if mutation.inserted is None:
-                        mutation.inserted = phantom()
-                    # the new element appears once, at `position` (a phantom client is also a real
-                    # client from now on, so it is in `nodes` already: move it, do not repeat it)
-                    new_id = mutation.inserted.data.get("id")
-                    if new_id is not None:
-                        nodes = [n for n in nodes if n.data.get("id") != new_id]
-                    nodes.insert(min(position, len(nodes)), mutation.inserted)
-        return nodes
+        with self.state.lock:  # a phantom client is also a real client from now on: moved, not repeated
+            return apply_paging_mutations(self.state.paging_mutations, path, tenant_id, nodes, phantom=phantom,
+                                          identity=lambda node: node.data.get("id"))
 
     def _single(self, node: Node, request: Request) -> Response:
         return json_response({"value": render(node, parse_fields(request.query_params.get("fields")))})
@@ -1067,17 +1025,8 @@ class TripletexSandbox(Simulator):
     # ------------------------------------------------------------------ admin (HTTP)
     def _admin_routes(self) -> list[Route]:
         def client_action(action: Callable[[int, dict[str, Any]], Any]):
-            async def endpoint(request: Request) -> Response:
-                try:
-                    client_id = int(request.path_params["id"])
-                    body = json.loads(await request.body() or b"{}")
-                    action(client_id, body)
-                except KeyError as exc:
-                    return json_response({"error": str(exc.args[0])}, 404)
-                except (ValueError, TypeError) as exc:
-                    return json_response({"error": str(exc)}, 400)
-                return json_response(next(c for c in self.client_states() if c["id"] == client_id))
-            return endpoint
+            return client_admin_endpoint(action, lambda client_id: next(
+                c for c in self.client_states() if c["id"] == client_id))
 
         async def list_clients(request: Request) -> Response:
             return json_response(self.client_states())
@@ -1099,7 +1048,7 @@ class TripletexSandbox(Simulator):
                 mutation = self.mutate_during_paging(**body)
             except (ValueError, TypeError) as exc:
                 return json_response({"error": str(exc)}, 400)
-            return json_response({k: v for k, v in dataclasses.asdict(mutation).items() if k != "inserted"}, 201)
+            return json_response(mutation.to_json(), 201)
 
         async def clear_paging_mutations(request: Request) -> Response:
             self.clear_paging_mutations()

@@ -25,8 +25,6 @@ Usage in tests::
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import datetime as dt
 import hashlib
@@ -47,10 +45,16 @@ from starlette.types import Scope
 
 from erp_pipelines.model import add_months
 from erp_pipelines.sandbox.common import (
+    AccessToken,
     ErpProfile,
+    PagingMutation,
     RateLimitHeaderNames,
     RateLimitPolicy,
     SandboxHarness,
+    apply_paging_mutations,
+    basic_credentials,
+    bearer_token,
+    expire_all,
     header_value,
     ids_in_ledger_order,
     json_bytes,
@@ -118,24 +122,6 @@ class Company:
     ledger_rights: bool = True  # False: our Visma.net user lost its rights to the ledger (403 there)
     approved: bool = True  # False: Visma Connect issues no token for it (invalid_tenant)
     impersonate_as: str | None = None  # fault: answer with this other company's data
-
-
-@dataclasses.dataclass(frozen=True)
-class AccessToken:
-    tenant_id: str
-    expires_at: float
-
-
-@dataclasses.dataclass
-class PagingMutation:
-    """Fault: after `after_requests` requests to `path`, a row is inserted at / removed from `position`."""
-
-    path: str
-    action: str = "insert"
-    position: int = 0
-    after_requests: int = 1
-    tenant_id: str | None = None
-    seen: int = 0
 
 
 class VismaNetSandbox(Simulator):
@@ -224,7 +210,7 @@ class VismaNetSandbox(Simulator):
         with self._lock:
             company = self.company(tenant)
             company.approved = False
-            self._tokens = {k: v for k, v in self._tokens.items() if v.tenant_id != company.tenant_id}
+            self._tokens = {k: v for k, v in self._tokens.items() if v.holder != company.tenant_id}
 
     def swap_identity(self, tenant: TruthTenant, as_tenant: TruthTenant) -> None:
         with self._lock:
@@ -232,9 +218,7 @@ class VismaNetSandbox(Simulator):
 
     def expire_tokens(self) -> int:
         with self._lock:
-            live = sum(1 for token in self._tokens.values() if token.expires_at > self.clock())
-            self._tokens.clear()
-            return live
+            return expire_all(self._tokens, self.clock())
 
     def mutate_during_paging(self, path: str, action: str = "insert", *, position: int = 0,
                              after_requests: int = 1, tenant: TruthTenant | int | str | None = None) -> PagingMutation:
@@ -252,17 +236,16 @@ class VismaNetSandbox(Simulator):
     # ------------------------------------------------------------------ request identity (for the harness)
 
     def _access(self, scope: Scope) -> AccessToken | None:
-        scheme, _, token = (header_value(scope, "authorization") or "").partition(" ")
-        return self._tokens.get(token.strip()) if scheme.lower() == "bearer" else None
+        return self._tokens.get(bearer_token(header_value(scope, "authorization")) or "")
 
     def _credential_key(self, scope: Scope) -> str | None:
         """The limit is per company and client (NOTES §7)."""
         access = self._access(scope)
-        return f"{self.client_id}:{access.tenant_id}" if access else None
+        return f"{self.client_id}:{access.holder}" if access else None
 
     def _tenant_of(self, scope: Scope) -> str | None:
         access = self._access(scope)
-        return access.tenant_id if access else None
+        return access.holder if access else None
 
     def _error_body(self, status: int, message: str, request_id: str) -> bytes:
         return json_bytes({"message": message})
@@ -272,7 +255,7 @@ class VismaNetSandbox(Simulator):
     async def token(self, request: Request) -> Response:
         try:
             form = dict(parse_qsl((await request.body()).decode("utf-8", "replace")))
-            client_id, client_secret = _basic(request.headers.get("authorization")) or (
+            client_id, client_secret = basic_credentials(request.headers.get("authorization")) or (
                 form.get("client_id", ""), form.get("client_secret", ""))
             if form.get("grant_type") != "client_credentials":
                 raise oauth_error("unsupported_grant_type", "Only client_credentials is supported here.")
@@ -302,7 +285,7 @@ class VismaNetSandbox(Simulator):
             access = self._access(request.scope)
             if access is None or self.clock() >= access.expires_at:
                 raise ApiError(401, "Authorization has been denied for this request.")
-            company = self._companies.get(access.tenant_id)
+            company = self._companies.get(access.holder)
             if company is None or not company.app_active:  # a customer tenant, or the app deactivated
                 raise ApiError(401, "Authorization has been denied for this request.")
             if ledger and not company.ledger_rights:
@@ -444,19 +427,9 @@ class VismaNetSandbox(Simulator):
 
     def _mutated(self, path: str, company: Company, rows: list[dict[str, Any]],
                  phantom: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
-        with self._lock:
-            for mutation in self._mutations:
-                if mutation.path != path or mutation.tenant_id not in (None, company.tenant_id):
-                    continue
-                mutation.seen += 1
-                if mutation.seen > mutation.after_requests:
-                    rows = list(rows)
-                    position = min(mutation.position, len(rows))
-                    if mutation.action == "remove":
-                        del rows[position:position + 1]
-                    else:
-                        rows.insert(position, phantom())
-        return rows
+        with self._lock:  # the inserted row is of the month asked for
+            return apply_paging_mutations(self._mutations, path, company.tenant_id, rows, phantom=phantom,
+                                          new_row_each_request=True)
 
     # ------------------------------------------------------------------ routing and errors
 
@@ -487,13 +460,3 @@ def _flag(request: Request, name: str) -> bool:
 def _field(row: dict[str, Any], name: str) -> str:
     value = row[name]
     return str(value.get("id", value.get("number")) if isinstance(value, dict) else value)
-
-
-def _basic(header: str | None) -> tuple[str, str] | None:
-    if not header or header[:6].lower() != "basic ":
-        return None
-    try:
-        username, sep, password = base64.b64decode(header[6:].strip(), validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    return (username, password) if sep else None

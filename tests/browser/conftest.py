@@ -58,7 +58,7 @@ def materialise(defs: dg.Definitions, instance: dg.DagsterInstance, blocked_tena
         instance=instance,
         asset_selection=[dg.AssetKey(["tripletex", "accounts"]), BALANCES],
         tags={RANGE_START: keys[0], RANGE_END: keys[-1]},
-        run_config={"ops": {"tripletex__balances": {"config": {"full_sync": True}}}},
+        run_config={"ops": {"tripletex__accounts_and_balances": {"config": {"full_sync": True}}}},
     )
     assert extracted.success
     reporting = [s.key for s in defs.resolve_all_asset_specs() if s.group_name == "reporting"]

@@ -30,7 +30,7 @@ def test_an_erp_lands_through_dagster_with_its_sensor_and_schedule(erp, tmp_path
         result = job.execute_in_process(
             instance=instance, asset_selection=[dg.AssetKey([erp, "accounts"]), dg.AssetKey([erp, "balances"])],
             tags={RANGE_START: tenants[0], RANGE_END: tenants[-1]},
-            run_config={"ops": {f"{erp}__balances": {"config": {"from_month": f"{served.months[0]:%Y-%m}",
+            run_config={"ops": {f"{erp}__accounts_and_balances": {"config": {"from_month": f"{served.months[0]:%Y-%m}",
                                                                  "to_month": f"{served.months[-1]:%Y-%m}"}}}},
         )
         assert result.success

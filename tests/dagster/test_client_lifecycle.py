@@ -136,7 +136,7 @@ def test_with_auto_activate_false_the_sensor_waits_for_activation_then_syncs_in_
     clients.activate(tripletex.warehouse, "tripletex", chosen.org_number)
     (request,) = run_sensor(tripletex).run_requests
     assert (request.tags[RANGE_START], request.tags[RANGE_END]) == (chosen.org_number, chosen.org_number)
-    assert request.run_config == {"ops": {"tripletex__balances": {"config": {"full_sync": True}}}}
+    assert request.run_config == {"ops": {"tripletex__accounts_and_balances": {"config": {"full_sync": True}}}}
 
 
 def test_a_partition_that_is_not_active_is_skipped_naming_the_client_its_status_and_the_fix(tripletex):

@@ -69,7 +69,7 @@ def test_drop_folder_files_become_tenants_with_balances_and_reconciliation(saft)
     assert sorted(keys) == sorted(["888888888", "999999999", saft.generated.org_number])
     # the official examples' known mismatches land, then fail the blocking trial_balance check (the step fails)
     assert not result.success
-    assert {e.partition for e in result.asset_materializations_for_node("saft__balances")} == set(keys)
+    assert {e.partition for e in result.asset_materializations_for_node("saft__accounts_and_balances")} == set(keys)
     (failed,) = [e for e in result.get_asset_check_evaluations() if not e.passed]
     assert failed.check_name == "trial_balance" and failed.metadata["tenants_failing"].value == 2
     assert failed.metadata["off_by_nok"].value == "2545410.00"  # 888888888's openings
@@ -94,8 +94,8 @@ def test_drop_folder_files_become_tenants_with_balances_and_reconciliation(saft)
     assert saft.warehouse.query(
         "SELECT count(*) FROM reconciliation WHERE org_number = ?", [saft.generated.org_number]) == [(0,)]
     event = next(
-        e for e in result.asset_materializations_for_node("saft__balances")
-        if e.partition == "888888888"
+        e for e in result.asset_materializations_for_node("saft__accounts_and_balances")
+        if e.partition == "888888888" and e.asset_key == dg.AssetKey(["saft", "balances"])
     )
     assert event.metadata["reconciliation_findings"].value == 4
     standard = {row[0]: row[1:] for row in saft.warehouse.query(

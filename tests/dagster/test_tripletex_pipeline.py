@@ -89,8 +89,9 @@ def test_missing_api_tilgang_skips_only_that_tenant_with_the_fix(tripletex):
 
     result = materialize_tenants(tripletex, keys[0], keys[-1])
     assert result.success  # a business failure: the client must act, nothing is broken
-    (observation,) = [e.asset_observation_data.asset_observation for e in result.all_events
-                      if e.is_asset_observation and e.step_key == "tripletex__balances"]
+    observations = [e.asset_observation_data.asset_observation for e in result.all_events if e.is_asset_observation]
+    assert {o.asset_key for o in observations} == {dg.AssetKey(["tripletex", "accounts"]), BALANCES}
+    (observation,) = [o for o in observations if o.asset_key == BALANCES]
     assert observation.partition == blocked.org_number
     message = observation.description
     assert f"{blocked.name} (orgnr {blocked.org_number}" in message
@@ -156,7 +157,7 @@ def test_client_access_sensor_adds_new_client_and_records_revoked_one(tripletex)
     assert len(result.run_requests) == 1
     request = result.run_requests[0]
     assert request.tags[RANGE_START] == request.tags[RANGE_END] == new_org
-    assert request.run_config == {"ops": {"tripletex__balances": {"config": {"full_sync": True}}}}
+    assert request.run_config == {"ops": {"tripletex__accounts_and_balances": {"config": {"full_sync": True}}}}
     assert set(request.asset_selection) == {dg.AssetKey(["tripletex", "accounts"]), BALANCES}
     revoked_row = tripletex.warehouse.query(
         "SELECT status, revoked_at IS NOT NULL FROM clients WHERE org_number = ?", [revoked.org_number])

@@ -21,7 +21,7 @@ def materialize_tenants(t, first, last, *, full_sync=True, raise_on_error=False,
         instance=t.instance,
         asset_selection=[dg.AssetKey(["tripletex", "accounts"]), dg.AssetKey(["tripletex", "balances"])],
         tags={RANGE_START: first, RANGE_END: last},
-        run_config={"ops": {"tripletex__balances": {"config": config}}},
+        run_config={"ops": {"tripletex__accounts_and_balances": {"config": config}}},
         raise_on_error=raise_on_error,
     )
 

@@ -4,13 +4,12 @@ across processes (one refresh for two processes, crashes around the refresh) and
 import asyncio
 import datetime as dt
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import pytest
+from consent_support import ROOT, free_port, run_consent
 
 from erp_pipelines.config import connector_from_environment
 from erp_pipelines.erps.eaccounting import ACR_VALUES, SCOPES
@@ -21,7 +20,6 @@ from erp_pipelines.sandbox.eaccounting import EAccountingSandbox
 from erp_pipelines.sandbox.ledger import generate_ledger
 from erp_pipelines.tokens import KEY_VARIABLE, PATH_VARIABLE, TokenStore
 
-ROOT = Path(__file__).resolve().parents[2]
 MONTHS = months_between(dt.date(2025, 12, 1), dt.date(2026, 2, 1))
 
 # A run in its own process: lists the consented companies and checks each (a request with its token).
@@ -66,12 +64,6 @@ except ErpError as exc:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def ea(tmp_path):
     ledger = generate_ledger(3, first_month=dt.date(2025, 6, 1), last_month=MONTHS[-1])
@@ -86,18 +78,7 @@ def ea(tmp_path):
 def consent(sandbox, tenant, env) -> subprocess.CompletedProcess:
     """`erp-pipelines consent eaccounting --no-browser`, the user picking `tenant` at the login."""
     sandbox.select_company(tenant)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "erp_pipelines", "consent", "eaccounting", "--no-browser"], cwd=ROOT,
-        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if line.startswith("http"):
-            httpx.get(line.strip(), follow_redirects=True, timeout=10)  # the sandbox approves at once
-            break
-    out, err = process.communicate(timeout=60)
-    return subprocess.CompletedProcess(process.args, process.returncode, "".join(lines) + out, err)
+    return run_consent("eaccounting", env)
 
 
 def run_in_process(env, point: str = "none") -> subprocess.Popen:

@@ -2,15 +2,11 @@
 
 import asyncio
 import datetime as dt
-import os
-import socket
 import subprocess
-import sys
 from decimal import Decimal
-from pathlib import Path
 
-import httpx
 import pytest
+from consent_support import free_port, run_consent
 
 from erp_pipelines.config import connector_from_environment
 from erp_pipelines.erps.fiken import merge_subledgers
@@ -20,14 +16,7 @@ from erp_pipelines.sandbox.fiken import FikenSandbox
 from erp_pipelines.sandbox.ledger import generate_ledger
 from erp_pipelines.tokens import KEY_VARIABLE, PATH_VARIABLE, TokenStore
 
-ROOT = Path(__file__).resolve().parents[2]
 MONTHS = months_between(dt.date(2025, 11, 1), dt.date(2026, 2, 1))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -43,18 +32,7 @@ def fiken(tmp_path):
 
 def consent(env: dict[str, str]) -> subprocess.CompletedProcess:
     """`erp-pipelines consent fiken --no-browser`, answering the login as the user's browser would."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "erp_pipelines", "consent", "fiken", "--no-browser"], cwd=ROOT,
-        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if line.startswith("http"):
-            httpx.get(line.strip(), follow_redirects=True, timeout=10)  # the sandbox approves at once
-            break
-    out, err = process.communicate(timeout=60)
-    return subprocess.CompletedProcess(process.args, process.returncode, "".join(lines) + out, err)
+    return run_consent("fiken", env)
 
 
 def test_consent_prints_the_url_stores_the_tokens_and_names_the_companies(fiken):

@@ -310,6 +310,20 @@ def test_cursor_reads_relay_connections_until_has_next_page_is_false(rows):
     assert fetch.calls == [{"first": 4, "after": a} for a in (None, "4", "8")]
 
 
+def test_cursor_total_count_changing_mid_read_reads_the_list_again():
+    def answer(params, call):
+        start = int(params["after"] or 0)
+        page = ROWS[start:start + params["first"]]
+        end = start + len(page)
+        connection = {"items": page, "totalCount": len(ROWS) + (call == 1),  # the first page saw one row more
+                      "pageInfo": {"hasNextPage": end < len(ROWS), "endCursor": str(end)}}
+        return Reply(200, httpx.Headers(), {"data": {"accounts": connection}})
+
+    fetch = FakeList(answer)
+    assert read(fetch, Cursor(4, "data.accounts", rows="items", version_key="totalCount")) == ROWS
+    assert [call["after"] for call in fetch.calls] == [None, "4", None, "4", "8"]
+
+
 # ---------------------------------------------------------------------------------------- gather_all
 
 

@@ -174,7 +174,7 @@ def test_a_killed_run_worker_is_marked_failed_and_the_automatic_retry_completes_
         run_id = client.submit_job_execution(
             "__ASSET_JOB",
             asset_selection=[["tripletex", "accounts"], ["tripletex", "balances"]],
-            run_config={"ops": {"tripletex__balances": {"config": {"full_sync": True}}}},
+            run_config={"ops": {"tripletex__accounts_and_balances": {"config": {"full_sync": True}}}},
             tags={RANGE_START: tenant.org_number, RANGE_END: tenant.org_number, "erp": "tripletex"},
         )
 
@@ -191,12 +191,17 @@ def test_a_killed_run_worker_is_marked_failed_and_the_automatic_retry_completes_
         def finished(wanted_id):
             return lambda: (run := instance.get_run_by_id(wanted_id)) and run.is_finished and run
 
-        # the code server that launched the worker sees it die; for a worker whose code server is
-        # gone too, the monitoring daemon's max_runtime_seconds is the backstop
+        # Who notices: the code server (DagsterApiServer) that started the worker process polls it and
+        # reports the crash. The monitoring daemon does not: DefaultRunLauncher has no worker health
+        # check (`supports_check_run_worker_health` is False; the K8sRunLauncher has one), so for a
+        # worker whose code server is gone too, its max_runtime_seconds is the backstop.
         failed = wait_for(finished(run_id), "the dead run worker to be detected", d.logs)
         assert failed.status == dg.DagsterRunStatus.FAILURE
         messages = [event.message for event in instance.all_logs(run_id)]
-        assert any("terminated by signal 9 (SIGKILL)" in message for message in messages), "\n".join(messages[-12:])
+        crash = f"[DagsterApiServer] Run execution process for {run_id} was terminated by signal 9 (SIGKILL)."
+        assert any(message.startswith(crash) for message in messages), "\n".join(messages[-12:])
+        assert not any("Detected run worker status" in message for message in messages)  # not run monitoring
+        assert not instance.run_launcher.supports_check_run_worker_health
         assert not instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_SUCCESS)
 
         retry_id = wait_for(lambda: instance.get_run_by_id(run_id).tags.get("dagster/auto_retry_run_id"),

@@ -150,9 +150,7 @@ class GraphQLCursor(Cursor):
         page = super().page(reply, state, where)
         if page.next is not None or self.rows != "edges":
             return page
-        node: Any = reply.body
-        for part in self.connection.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
+        node = self.connection_of(reply.body)
         info = node.get("pageInfo") or {}
         edges = _list_at(node, "edges", where)
         if not info.get("hasNextPage") or info.get("endCursor") or not edges:

@@ -8,7 +8,7 @@ A style turns its state into the next request's parameters and a response into a
   short page; the reported total serves as the list's version;
 - `Cursor`: Relay `first`/`after`, rows under `edges[].node` or `items`, ended by
   `pageInfo.hasNextPage` (GraphQL, sent by POST: the connector's fetcher puts the parameters
-  into the query's variables).
+  into the query's variables); a connection field such as `totalCount` can serve as the version.
 
 `read_all` reads a whole list as one consistent snapshot. Paging is only correct while the list
 stands still: a row inserted before the current position repeats a row on the next page, a removed
@@ -136,7 +136,8 @@ class PageNumber(PagingStyle):
 @dataclasses.dataclass(frozen=True)
 class Cursor(PagingStyle):
     """Relay cursor paging: `connection` is the dotted path to the connection object in the body
-    (e.g. `data.accounts`); rows are `edges[].node` or `items`."""
+    (e.g. `data.accounts`); rows are `edges[].node` or `items`. `version_key`: a field of the
+    connection that changes when rows are inserted or removed (e.g. `totalCount`)."""
 
     size: int
     connection: str
@@ -144,14 +145,20 @@ class Cursor(PagingStyle):
     first_param: str = "first"
     after_param: str = "after"
     start: Any = None
+    version_key: str | None = None
 
     def params(self, state: str | None) -> dict[str, Any]:
         return {self.first_param: self.size, self.after_param: state}
 
-    def page(self, reply: Reply, state: str | None, where: str) -> Page:
-        node: Any = reply.body
+    def connection_of(self, body: Any) -> Any:
+        """The connection object in a response body; None where it is missing."""
+        node = body
         for part in self.connection.split("."):
             node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    def page(self, reply: Reply, state: str | None, where: str) -> Page:
+        node = self.connection_of(reply.body)
         if not isinstance(node, dict):
             raise BadResponse(f"{where}: the response has no {self.connection}")
         raw = _list_at(node, self.rows, where)
@@ -159,7 +166,7 @@ class Cursor(PagingStyle):
         info = node.get("pageInfo") or {}
         cursor = info.get("endCursor")
         following = cursor if info.get("hasNextPage") and cursor and cursor != state else None
-        return Page(items, following)
+        return Page(items, following, node.get(self.version_key) if self.version_key else None)
 
 
 PageFetcher = Callable[[dict[str, Any]], Awaitable[Reply]]  # usually `ApiClient.reply`

@@ -152,9 +152,11 @@ class DuckLakeBackend:
                         "ducklake", "httpfs" if self.data_path.startswith(REMOTE_SCHEMES) else None)
         target = "ducklake:" + self.catalog
         try:
-            # a new catalog is initialised by the first writer; one starting at the same moment retries
+            # a new catalog is initialised by the first process to attach; one attaching at the same
+            # moment finds the catalog's tables half made ("already exists") and attaches again
             self.retrying(lambda: con.execute(f"ATTACH IF NOT EXISTS {_literal(target)} AS {LAKE_ALIAS} "
-                                              f"(DATA_PATH {_literal(self.data_path)})"))
+                                              f"(DATA_PATH {_literal(self.data_path)})"),
+                          also=_catalog_being_created)
         except duckdb.Error as error:
             raise ConfigError(
                 f"the DuckLake catalog in {CATALOG_VARIABLE} ({self.describe()}) cannot be attached: "
@@ -188,9 +190,11 @@ class DuckLakeBackend:
     def exclusive(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()  # no lock across machines: the catalog serialises commits
 
-    def retrying(self, write: Callable[[], T]) -> T:
-        """`write()`, run again while it fails on a transaction conflict (bounded, with jittered backoff)."""
-        retrying = Retrying(retry=retry_if_exception(is_conflict), stop=stop_after_attempt(self.attempts),
+    def retrying(self, write: Callable[[], T], *, also: Callable[[BaseException], bool] | None = None) -> T:
+        """`write()`, run again while it fails on a transaction conflict (or what `also` accepts;
+        bounded, with jittered backoff)."""
+        retryable = is_conflict if also is None else (lambda error: is_conflict(error) or also(error))
+        retrying = Retrying(retry=retry_if_exception(retryable), stop=stop_after_attempt(self.attempts),
                             wait=wait_random_exponential(multiplier=0.02, max=1.0), reraise=False,
                             before_sleep=before_sleep_log(LOGGER, logging.INFO))
         try:
@@ -208,6 +212,11 @@ def _schema_version(con: duckdb.DuckDBPyConnection) -> str | None:
     except duckdb.CatalogException:
         return None
     return found[0] if found else None
+
+
+def _catalog_being_created(error: BaseException) -> bool:
+    """Another process is initialising the same new catalog: its metadata tables already exist."""
+    return isinstance(error, duckdb.Error) and "ducklake_metadata" in str(error) and "already exists" in str(error)
 
 
 def is_conflict(error: BaseException) -> bool:

@@ -4,6 +4,7 @@ tested on each (`warehouse_backend`: tests/test_warehouse.py, test_crash_safety.
 test_concurrency.py, test_reporting.py)."""
 
 import datetime as dt
+import multiprocessing
 from decimal import Decimal
 
 import dagster as dg
@@ -161,3 +162,24 @@ def test_a_password_in_the_catalog_string_reaches_no_definition_run_event_or_dat
         scan.text("stdout", captured.out)
         scan.text("stderr", captured.err)
     assert scan.findings == [], scan.report()
+
+
+def _attach_and_count(catalog: str, data_path: str, start) -> None:
+    start.wait(timeout=120)
+    with DuckLakeBackend(catalog, data_path).connection() as con:
+        con.execute("SELECT count(*) FROM ducklake_snapshots('lake')").fetchone()
+
+
+def test_processes_attaching_a_new_catalog_at_once_all_attach(postgres_cluster, tmp_path, monkeypatch):
+    """The first start of several workers on an empty catalog: one initialises it, the others wait."""
+    env = ducklake_env(postgres_cluster, tmp_path / "lake-data")
+    monkeypatch.setenv("PGPASSWORD", env["PGPASSWORD"])  # inherited by the spawned processes
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(6)
+    processes = [context.Process(target=_attach_and_count,
+                                 args=(env[CATALOG_VARIABLE], env[DATA_PATH_VARIABLE], start)) for _ in range(6)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(180)
+    assert [process.exitcode for process in processes] == [0] * 6

@@ -7,7 +7,6 @@ its own process group. Teardown kills that group and checks that no process of i
 import contextlib
 import datetime as dt
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,8 +16,8 @@ from types import SimpleNamespace
 
 import dagster as dg
 import httpx
-import psutil
 import pytest
+from process_support import process_group
 from sandbox_env import dagster_home, tripletex_env
 
 from erp_pipelines.defs.build import build_definitions
@@ -92,32 +91,10 @@ def webserver(env: dict[str, str], log_path: Path):
     port = free_port()
     command = [str(Path(sys.executable).parent / "dagster-webserver"), "-m", "erp_pipelines.definitions",
                "-h", "127.0.0.1", "-p", str(port)]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
+    with process_group(command, env, log_path, grace_seconds=30, clean_sigterm=True) as process:
         wait_until_serving(process, url, log_path)
         yield url
-    finally:
-        family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)] \
-            if psutil.pid_exists(process.pid) else []
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        _, alive = psutil.wait_procs(family, timeout=30)
-        for leftover in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                leftover.kill()
-        process.wait(timeout=30)
-        assert not alive, f"the webserver left processes behind after SIGTERM: {[p.pid for p in alive]}"
-        assert not [p for p in psutil.process_iter() if _in_group(p, process.pid)], "a webserver process survived"
-
-
-def _in_group(process: psutil.Process, pgid: int) -> bool:
-    try:
-        return os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE
-    except (ProcessLookupError, psutil.NoSuchProcess):
-        return False
 
 
 def wait_until_serving(process: subprocess.Popen, url: str, log_path: Path) -> None:

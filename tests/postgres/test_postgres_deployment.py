@@ -10,8 +10,6 @@
 import contextlib
 import datetime as dt
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,8 +19,9 @@ import dagster as dg
 import httpx
 import psutil
 import pytest
-from conftest import ROOT, deploy_home, free_port
+from conftest import deploy_home, free_port
 from dagster_graphql import DagsterGraphQLClient
+from process_support import process_group
 from sandbox_env import tripletex_env
 
 from erp_pipelines.defs.runs import RANGE_END, RANGE_START
@@ -44,36 +43,6 @@ SETTINGS = {s.env for spec in ERPS.values() for s in spec.connector_class.settin
 def process_environment(env: dict[str, str]) -> dict[str, str]:
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIXES) and k not in SETTINGS}
     return {**inherited, **env, "PYTHONUNBUFFERED": "1"}
-
-
-def _in_group(process: psutil.Process, pgid: int) -> bool:
-    try:
-        return os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE
-    except (ProcessLookupError, psutil.NoSuchProcess):
-        return False
-
-
-@contextlib.contextmanager
-def process_group(command: list[str], env: dict[str, str], log_path: Path):
-    """`command` in a new process group; on exit the group is terminated and none of it may remain."""
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    try:
-        yield process
-    finally:
-        family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)] \
-            if psutil.pid_exists(process.pid) else []
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        _, alive = psutil.wait_procs(family, timeout=60)
-        for leftover in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                leftover.kill()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # anything that left the tree but not the group
-        process.wait(timeout=30)
-        assert not [p for p in psutil.process_iter() if _in_group(p, process.pid)], f"{command[0]} left processes"
 
 
 def wait_for(condition, what: str, logs: list[Path]):
@@ -117,9 +86,9 @@ def deployment(tmp_path: Path, postgres_env: dict[str, str]):
         logs = [tmp_path / "daemon.log", tmp_path / "webserver.log"]
         port = free_port()
         with process_group([str(BIN / "dagster-daemon"), "run", "-m", "erp_pipelines.definitions"],
-                           env, logs[0]) as daemon, \
+                           env, logs[0], grace_seconds=60) as daemon, \
                 process_group([str(BIN / "dagster-webserver"), "-m", "erp_pipelines.definitions",
-                               "-h", "127.0.0.1", "-p", str(port)], env, logs[1]) as webserver, \
+                               "-h", "127.0.0.1", "-p", str(port)], env, logs[1], grace_seconds=60) as webserver, \
                 pytest.MonkeyPatch.context() as patch:
             assert os.getpgid(daemon.pid) != os.getpgid(webserver.pid)
             patch.setenv("DAGSTER_HOME", str(home))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import gc
 import json
 import os
 import select
@@ -68,6 +69,12 @@ def _serve(spec: SandboxSpec, token_store: dict[str, str]) -> None:  # runs in t
     ledger = generate_ledger(spec.tenants, seed=spec.seed, first_month=spec.first_month, last_month=spec.last_month)
     simulator = ERPS[spec.erp].simulator_class(ledger, rate_limit=RateLimitPolicy.from_json(spec.rate_limit()))
     simulator.faults.latency_ms = spec.latency_ms
+    # The simulator holds the whole truth ledger in its heap and caches what it renders from it;
+    # full collections scanning that paused it 50-170 ms every few seconds, longer as the run went
+    # on (measured), stalls an ERP's servers do not have. The heap built so far is frozen and full
+    # collections are left rare; young garbage is collected as usual.
+    gc.freeze()
+    gc.set_threshold(*gc.get_threshold()[:2], 1000)
     with simulator.serve() as url:
         root = url.removesuffix(simulator.api_prefix)
         environment = {**simulator.environment(url), **token_store}

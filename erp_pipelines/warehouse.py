@@ -204,10 +204,18 @@ RECONCILIATION_SCHEMA = pa.schema(
         ("run_id", pa.string()),
     ]
 )
-CLIENT_COLUMNS = (
-    "erp, org_number, erp_client_id, name, status, status_reason, first_seen_at, last_seen_at, revoked_at, "
-    "last_extracted_at, last_error, last_error_at, deactivated_at, fiscal_year_start_month, connection"
+CLIENT_SCHEMA = pa.schema(
+    [
+        *((name, pa.string()) for name in ("erp", "org_number", "erp_client_id", "name", "status", "status_reason")),
+        *((name, pa.timestamp("us")) for name in ("first_seen_at", "last_seen_at", "revoked_at", "last_extracted_at")),
+        ("last_error", pa.string()),
+        ("last_error_at", pa.timestamp("us")),
+        ("deactivated_at", pa.timestamp("us")),
+        ("fiscal_year_start_month", pa.int16()),
+        ("connection", pa.string()),
+    ]
 )
+CLIENT_COLUMNS = ", ".join(CLIENT_SCHEMA.names)
 ENABLED = (ClientStatus.ACTIVE, ClientStatus.NO_API_ACCESS)
 HOLDER_RANK = {ClientStatus.ACTIVE: 0, ClientStatus.NO_API_ACCESS: 0, ClientStatus.INACTIVE: 1, ClientStatus.REVOKED: 2}
 
@@ -445,9 +453,14 @@ class Warehouse:
                 else:
                     rows.append(old)
             con.execute("DELETE FROM clients WHERE erp = ?", [erp])
-            if rows:
-                con.executemany(f"INSERT INTO clients ({CLIENT_COLUMNS}) VALUES ({', '.join('?' * 15)})",
-                                [tuple(str(v) if isinstance(v, ClientStatus) else v for v in r) for r in rows])
+            if rows:  # one Arrow insert: `executemany` costs ~0.4 ms a row
+                columns = zip(*(tuple(str(v) if isinstance(v, ClientStatus) else v for v in r) for r in rows),
+                              strict=True)
+                con.register("listed_clients", pa.Table.from_arrays(
+                    [pa.array(column, field.type) for column, field in zip(columns, CLIENT_SCHEMA, strict=True)],
+                    schema=CLIENT_SCHEMA))
+                con.execute(f"INSERT INTO clients ({CLIENT_COLUMNS}) SELECT * FROM listed_clients")
+                con.unregister("listed_clients")
         return ClientRegistryChange(
             active=[c.org_number for c in final if c.status in ENABLED],
             new=new,

@@ -3,6 +3,7 @@ on, memory holds a bounded number of tenants, and the caller's work does not sta
 
 import asyncio
 import datetime as dt
+import gc
 import threading
 import time
 from decimal import Decimal
@@ -71,6 +72,34 @@ def test_batches_are_written_as_they_complete_and_memory_stays_bounded(tmp_path)
     # at most the batch being written, the one filling and the tenants in flight: never all 95
     assert peak["unwritten"] <= 2 * 10 + 4
     assert warehouse.query("SELECT count(*), count(DISTINCT org_number) FROM balances") == [(190, 95)]
+
+
+def test_a_run_keeps_the_collector_off_the_objects_older_than_it_and_gives_them_back(tmp_path):
+    """Full collections during an extraction scan only what the run made: the objects older than
+    it are frozen out of them until the last of two concurrent runs ends."""
+    seen = []
+
+    class Watching(FakeConnector):
+        async def fetch_accounts(self, client):
+            seen.append((self.name, gc.get_freeze_count()))
+            return await super().fetch_accounts(client)
+
+    async def one_run(name, n, concurrency):
+        connector = Watching()
+        connector.name = name
+        return [b async for b in load_tenants(connector, Warehouse(tmp_path / f"{name}.duckdb"), clients(n),
+                                               what=("accounts", "balances"), months=MONTHS, batch_tenants=5,
+                                               tenant_concurrency=concurrency)]
+
+    async def two_runs():
+        return await asyncio.gather(one_run("long", 40, 2), one_run("short", 3, 3))
+
+    assert gc.get_freeze_count() == 0
+    long_run, short_run = asyncio.run(two_runs())
+    assert sum(len(b.loaded) for b in long_run) == 40 and sum(len(b.loaded) for b in short_run) == 3
+    assert [name for name, _ in seen[-5:]] == ["long"] * 5  # the long run went on after the short one
+    assert len(seen) == 43 and all(count > 0 for _, count in seen)
+    assert gc.get_freeze_count() == 0  # back to the collector once both runs ended
 
 
 def test_columns_are_written_with_their_constant_values(tmp_path):

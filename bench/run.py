@@ -840,7 +840,7 @@ def render(figures: dict[str, Any], command: str) -> str:
         f"{connector_class.rate_limit.source}). Our throttle (`erps/kit/throttle.py`, one per credential): "
         f"{_client_limit(connector_class.rate_limit)}, paced evenly at {Throttle.HEADROOM:g} of the rate, "
         f"in flight by Little's law up to {Throttle.IN_FLIGHT_CEILING}; the server saw at most "
-        f"{t['peak_in_flight']} in flight."),
+        f"{t['peak_in_flight']} in flight. {SIMULATOR_GC_NOTE}"),
         "",
         f"| figure | {name} | target |",
         "|---|---|---|",
@@ -996,6 +996,10 @@ database, and a machine whose cores are not shared; the share also falls as the 
 falls (the extraction takes longer per tenant)."""
 
 
+SIMULATOR_GC_NOTE = ("The simulator's process keeps full garbage collections rare (`bench/server.py`): scanning its "
+                     "truth ledger paused it 50-170 ms every few seconds, a stall an ERP's servers do not have.")
+
+
 def render_compliance(figures: dict[str, Any], command: str) -> str:
     """The "## Rate-limit compliance (all API ERPs)" section of bench/results.md: one table, ERP × mode."""
     o, m, rows = figures["options"], figures["machine"], figures["compliance"]
@@ -1009,7 +1013,7 @@ def render_compliance(figures: dict[str, Any], command: str) -> str:
          f"(`connector_from_environment`, its own throttle and token store) against the ERP's simulator in a "
          f"child process, enforcing the ERP's own limit per credential with {o['compliance_latency_ms']:g} ms "
          f"added to every request, over enough tenants for ~{o['compliance_seconds']:g} s of traffic at the "
-         f"limit."),
+         f"limit. {SIMULATOR_GC_NOTE}"),
         "",
         (f"| ERP | window | server limit | our throttle | tenants | requests | active s | admitted req/s "
          f"| utilisation (≥ {UTILISATION_TARGET:g}) | 429s (≤ {SHARE_429_TARGET:.0%}) "

@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,15 +184,39 @@ def print_summary(warehouse, instance, home: Path) -> None:
     print("             the client-access sensor and the daily schedule)")
 
 
-def run_dev(port: int, ui_port: int) -> int:
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+class StopRequests:
+    """SIGINT, SIGTERM and SIGHUP ask `make dev` to stop. The handler only sets a flag. A handler
+    that takes a lock, as `threading.Event.set` does, deadlocks when a second signal lands while the
+    first one's handler holds it; `killpg(SIGTERM)` on `make dev` is such a pair, since make passes
+    SIGTERM on to its children."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
         # a handler, not SIG_IGN (what a background job inherits for SIGINT): `dg dev` then starts
         # with the default handlers, and a stop request reaches everything
-        signal.signal(signum, lambda *_: stop.set())
+        for signum in self.SIGNALS:
+            signal.signal(signum, self._request)
+
+    def _request(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds` (a signal's handler runs during the sleep); True once asked to stop."""
+        if not self.requested:
+            time.sleep(seconds)
+        return self.requested
+
+
+def run_dev(port: int, ui_port: int) -> int:
+    stops = StopRequests()
+    stops.install()
     home = dagster_home()
     with sandbox_environment(port=port) as env:
-        if stop.is_set():
+        if stops.requested:
             return 0
         urls = ", ".join(f"{name}={value}" for name, value in env.items() if name.endswith("_BASE_URL"))
         print(f"Sandbox ERPs running ({urls}); DAGSTER_HOME={home}", flush=True)
@@ -203,7 +226,7 @@ def run_dev(port: int, ui_port: int) -> int:
         # stopped as one group, and only through _stop_dev
         process = subprocess.Popen(command, env={**os.environ, **env}, cwd=ROOT, process_group=0)
         try:
-            while not stop.wait(0.5):
+            while not stops.wait(0.5):
                 if process.poll() is not None:
                     return process.returncode
             return 0

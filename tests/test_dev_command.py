@@ -4,9 +4,12 @@ is free again, also when it runs as a background job (SIGINT ignored, as a shell
 
 import contextlib
 import os
+import random
+import select
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -102,8 +105,52 @@ def make_dev(tmp_path):
         process.wait()
 
 
+STOP_REQUEST_CHILD = """
+from erp_pipelines.demo import StopRequests
+
+stops = StopRequests()
+stops.install()
+print("R", end="", flush=True)  # one byte per message: a read never splits one
+while True:
+    while not stops.wait(0.001):
+        pass
+    stops.requested = False
+    print("S", end="", flush=True)
+"""
+
+
+def test_stop_requests_never_deadlock_when_a_second_signal_lands_in_the_handler():
+    """`killpg(SIGTERM)` on `make dev` reaches the demo twice, microseconds apart: from the sender,
+    and from make, which passes SIGTERM on to its children. 3,000 such pairs with gaps of 0-100 us:
+    the wait loop sees every one. (A handler calling `threading.Event.set` deadlocks within a few
+    hundred: the second signal's handler waits for the lock the first one holds.)"""
+    rng = random.Random(8)
+    child = subprocess.Popen([sys.executable, "-c", STOP_REQUEST_CHILD], cwd=ROOT, stdout=subprocess.PIPE, bufsize=0)
+    try:
+        output = child.stdout.fileno()
+        assert select.select([output], [], [], 30)[0] and os.read(output, 1) == b"R"
+        for pair in range(3000):
+            time.sleep(rng.uniform(0, 0.002))
+            gap = rng.uniform(0, 100e-6)
+            os.kill(child.pid, signal.SIGTERM)
+            sent = time.perf_counter()
+            while time.perf_counter() - sent < gap:
+                pass
+            os.kill(child.pid, signal.SIGTERM)
+            assert select.select([output], [], [], 5)[0], f"the stop request of pair {pair} was never seen"
+            assert set(os.read(output, 4096)) == {ord("S")}, "the child exited"
+    finally:
+        child.kill()
+        child.wait()
+
+
 def assert_stopped(process: subprocess.Popen, ports: list[int], log: Path) -> None:
-    process.wait(STOP_SECONDS)
+    try:
+        process.wait(STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        running = [f"{p.pid} {p.status()} {' '.join(p.cmdline())[:120]}" for p in session_processes(process.pid)]
+        pytest.fail(f"make dev still running {STOP_SECONDS}s after the stop request:\n" + "\n".join(running)
+                    + f"\noutput:\n{log.read_text()[-4000:]}")
     wait_until(lambda: not session_processes(process.pid), 30, "processes were left running", log)
     assert [port for port in ports if not port_is_free(port)] == [], log.read_text()[-4000:]
 

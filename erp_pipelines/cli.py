@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     consent.add_argument("erp")
     consent.add_argument("--no-browser", action="store_true", help="only print the URL")
+    consent.add_argument("--connection", metavar="NAME",
+                         help="a stored connection (erp-pipelines connections list); default: the environment's")
     doctor = commands.add_parser(
         "doctor", help="check every credential: does it authenticate, which clients lack access, and the fix",
         description="For every configured ERP: whether its credential authenticates, the clients it reaches "
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "consent":
         from erp_pipelines.consent import consent_main
 
-        return consent_main(args.erp, open_browser=not args.no_browser)
+        return consent_main(args.erp, open_browser=not args.no_browser, connection=args.connection)
     if args.command == "env-example":
         from erp_pipelines.config import env_example
 

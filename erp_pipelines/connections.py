@@ -135,6 +135,21 @@ def connections_of(erp: str, environ: Mapping[str, str] | None = None,
     return ([default] if default else []) + stored
 
 
+def connection_named(erp: str, name: str, environ: Mapping[str, str] | None = None,
+                     store: tokens.TokenStore | None = None) -> Connection:
+    """The ERP's connection called `name` (or its slug; `default` is the environment's)."""
+    env = os.environ if environ is None else environ
+    found = connections_of(erp, env, store)
+    slug = slug_of(name)
+    for connection in found:
+        if connection.slug == slug:
+            return connection
+    names = ", ".join(c.name for c in found)
+    raise ConfigError(f"{erp} has no connection named {name!r}",
+                      fix=f"use one of: {names}" if names else
+                      f"set {erp}'s variables (see .env.example) or erp-pipelines connections add {erp} --name ...")
+
+
 # ---------------------------------------------------------------------------------------- managing
 
 

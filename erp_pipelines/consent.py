@@ -1,4 +1,5 @@
-"""`erp-pipelines consent <erp> [--no-browser]`: an OAuth2 authorisation-code consent, once.
+"""`erp-pipelines consent <erp> [--no-browser] [--connection NAME]`: an OAuth2 authorisation-code
+consent, once (for the environment's connection, or for a stored one under its own token prefix).
 
 1. Prints the authorise URL on a line of its own and opens a browser (unless `--no-browser`).
 2. Listens on the `<ERP>_REDIRECT_URI` port on localhost for the redirect with the code.
@@ -130,11 +131,19 @@ class RedirectListener:
         return self.query if self._arrived.wait(timeout) else None
 
 
-def consent_main(erp: str, *, open_browser: bool, environ: Mapping[str, str] | None = None) -> int:
+def consent_main(erp: str, *, open_browser: bool, connection: str | None = None,
+                 environ: Mapping[str, str] | None = None) -> int:
+    """`connection`: a stored connection's name; its tokens go under its own prefix in the store.
+    Without it, the environment's connection (`default`)."""
+    from erp_pipelines import connections
     from erp_pipelines.config import connector_from_environment
 
     try:
-        connector = connector_from_environment(erp, environ)
+        if connection is None:
+            connector = connector_from_environment(erp, environ)
+        else:
+            store = connections.store_from_env(environ)
+            connector = connections.connection_named(erp, connection, environ, store).connector(store)
     except ErpError as exc:
         print(f"erp-pipelines consent: {exc}")
         return 2

@@ -20,11 +20,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_consent(erp: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+def run_consent(erp: str, env: dict[str, str], *options: str) -> subprocess.CompletedProcess:
     """The consent command in a child process: the URL it prints is opened as the user's browser
     would, and the sandbox approves at once."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "erp_pipelines", "consent", erp, "--no-browser"], cwd=ROOT,
+        [sys.executable, "-m", "erp_pipelines", "consent", erp, "--no-browser", *options], cwd=ROOT,
         env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     lines = []

@@ -8,6 +8,7 @@ from decimal import Decimal
 import pytest
 from consent_support import free_port, run_consent
 
+from erp_pipelines import connections
 from erp_pipelines.config import connector_from_environment
 from erp_pipelines.erps.fiken import merge_subledgers
 from erp_pipelines.errors import AuthError, BadResponse
@@ -49,6 +50,38 @@ def test_consent_prints_the_url_stores_the_tokens_and_names_the_companies(fiken)
     assert stored.get(connector.consent_entry())["refresh_token"]
     for secret in (sandbox.client_secret,):
         assert secret not in result.stdout + result.stderr
+
+
+def test_a_stored_connection_gets_its_own_consent_and_runs_on_it(fiken):
+    """A second firm's Fiken app, stored as a connection (no FIKEN_ variable in the environment):
+    `consent fiken --connection NAME` stores the tokens under that connection, and its connector
+    lists the companies with them."""
+    sandbox, ledger, env = fiken
+    firm = {k: v for k, v in env.items() if not k.startswith("FIKEN_")}
+    store = TokenStore(env[PATH_VARIABLE], key=env[KEY_VARIABLE])
+    settings = "".join(f"{k}={v}\n" for k, v in env.items() if k.startswith("FIKEN_"))
+    connections.add_connection(store, "fiken", "Byrå AS", settings)
+
+    unknown = run_consent("fiken", firm, "--connection", "Annen Byrå")
+    assert unknown.returncode == 2 and "no connection named 'Annen Byrå'" in unknown.stdout
+    assert "use one of: Byrå AS" in unknown.stdout
+
+    result = run_consent("fiken", firm, "--connection", "Byrå AS")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for tenant in ledger.valid_tenants:
+        assert f"{tenant.name} (orgnr {tenant.org_number}): consented" in result.stdout
+    assert sandbox.client_secret not in result.stdout + result.stderr
+
+    connection = connections.connection_named("fiken", "byra-as", firm, store)
+    connector = connection.connector(store)
+    assert store.scoped(connections.tokens_prefix("fiken", "byra-as")).get(connector.consent_entry())["refresh_token"]
+    assert store.get(connector.consent_entry()) is None  # not the environment's connection
+
+    async def listed():
+        async with connection.connector(store) as firm_connector:
+            return await firm_connector.list_clients()
+
+    assert {c.org_number for c in asyncio.run(listed())} == {t.org_number for t in ledger.tenants}
 
 
 def test_an_oauth_run_refreshes_rotating_tokens_and_lands_exact_balances(fiken):

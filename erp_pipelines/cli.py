@@ -72,6 +72,8 @@ def add_clients_commands(commands) -> None:
         command.add_argument("erp")
         command.add_argument("org_number", nargs="?", metavar="ORGNR")
         command.add_argument("--client-id", help="the ERP's client id, when several clients share the number")
+        command.add_argument("--connection", metavar="NAME",
+                             help="the connection reaching the client, when several reach the same client id")
         command.add_argument("--all", action="store_true", dest="all_clients", help=f"{name} every client of the ERP")
     purge = actions.add_parser("purge", help="Slett kontoer: delete every row of one tenant; it stays as inactive")
     purge.add_argument("erp")
@@ -106,7 +108,8 @@ def clients_main(args: argparse.Namespace) -> int:
             if bool(args.org_number) == args.all_clients:
                 return fail("give either ORGNR or --all", 2)
             command = clients.activate if args.action == "activate" else clients.deactivate
-            changes = command(warehouse, erp, args.org_number, client_id=args.client_id, all_clients=args.all_clients)
+            changes = command(warehouse, erp, args.org_number, client_id=args.client_id, connection=args.connection,
+                              all_clients=args.all_clients)
             for change in changes:
                 print(change.describe())
             if not changes:

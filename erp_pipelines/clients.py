@@ -16,8 +16,10 @@ import datetime as dt
 import getpass
 from typing import Any
 
+from erp_pipelines.connections import slug_of
 from erp_pipelines.errors import ErpError
 from erp_pipelines.model import (
+    DEFAULT_CONNECTION,
     Client,
     ClientStatus,
     client_id_order,
@@ -112,33 +114,37 @@ def _when(value: dt.datetime | None) -> str:
 # ---------------------------------------------------------------------------------------- find
 
 
-def find_client(warehouse: Warehouse, erp: str, org_number: str, client_id: str | None = None) -> Client:
-    """The registered client with this number (and ERP client id, when several share the number)."""
+def find_client(warehouse: Warehouse, erp: str, org_number: str, client_id: str | None = None,
+                connection: str | None = None) -> Client:
+    """The registered client with this number (and ERP client id, when several share the number;
+    and connection, when several connections reach that client id)."""
     number = _compact(org_number)
-    clients = warehouse.clients(erp)
-    if client_id is not None:
-        matches = [c for c in clients if c.erp_client_id == client_id and c.org_number == number]
-        if matches:
-            return matches[0]
-        raise ClientCommandError(
-            f"no {erp} client {client_id} with organisation number {number} is registered", erp=erp,
-            fix=f"see `erp-pipelines clients list {erp}` for the client ids",
-        )
-    matches = [c for c in clients if c.org_number == number]
+    matches = [c for c in warehouse.clients(erp) if c.org_number == number
+               and (client_id is None or c.erp_client_id == client_id)
+               and (connection is None or c.connection == slug_of(connection))]
     if not matches:
+        named = "".join(f" {part}" for part in (client_id and f"client {client_id}",
+                                                 connection and f"of connection {connection}") if part)
         raise ClientCommandError(
-            f"no {erp} client with organisation number {number} is registered", erp=erp,
-            fix=f"check the number with `erp-pipelines clients list {erp}`; a client the ERP lists for the first "
-            f"time is registered by the next run of {erp}/clients or the client-access sensor",
+            f"no {erp}{named or ' client'} with organisation number {number} is registered", erp=erp,
+            fix=f"check the number, client id and connection with `erp-pipelines clients list {erp}`; a client "
+            f"the ERP lists for the first time is registered by the next run of {erp}/clients or the "
+            "client-access sensor",
         )
     if len(matches) > 1:
-        shown = ", ".join(f"{c.erp_client_id} {c.name} ({c.status})"
-                          for c in sorted(matches, key=lambda c: client_id_order(c.erp_client_id)))
-        raise ClientCommandError(
-            f"{len(matches)} {erp} clients share organisation number {number}: {shown}", erp=erp,
-            fix="name the one you mean with --client-id ID",
-        )
+        shown = ", ".join(f"{c.erp_client_id} {c.name} ({c.status}{_through(c)})"
+                          for c in sorted(matches, key=lambda c: (client_id_order(c.erp_client_id), c.connection)))
+        if len({c.erp_client_id for c in matches}) > 1:
+            problem, fix = f"{len(matches)} {erp} clients share organisation number {number}", "--client-id ID"
+        else:
+            problem, fix = f"{erp} client {matches[0].erp_client_id} is reached through {len(matches)} connections", \
+                "--connection NAME"
+        raise ClientCommandError(f"{problem}: {shown}", erp=erp, fix=f"name the one you mean with {fix}")
     return matches[0]
+
+
+def _through(client: Client) -> str:
+    return f", connection {client.connection}" if client.connection != DEFAULT_CONNECTION else ""
 
 
 def _compact(org_number: str) -> str:
@@ -152,7 +158,8 @@ def _compact(org_number: str) -> str:
 
 
 def activate(warehouse: Warehouse, erp: str, org_number: str | None = None, *, client_id: str | None = None,
-             all_clients: bool = False, actor: str | None = None) -> list[StatusChange]:
+             connection: str | None = None, all_clients: bool = False,
+             actor: str | None = None) -> list[StatusChange]:
     """Make a client active ("Aktiver"): it gets scheduled and sensor runs again.
 
     A client rejected only because another client holds its number takes the number: the other
@@ -164,7 +171,7 @@ def activate(warehouse: Warehouse, erp: str, org_number: str | None = None, *, c
     if not org_number:
         raise ClientCommandError("activate needs an organisation number or --all", erp=erp,
                                  fix=f"erp-pipelines clients activate {erp} ORGNR (or --all)")
-    client = find_client(warehouse, erp, org_number, client_id)
+    client = find_client(warehouse, erp, org_number, client_id, connection)
     if client.status in ENABLED:
         note = ("already active" if client.status == ClientStatus.ACTIVE
                 else f"already enabled, waiting for API access: {client.status_reason}")
@@ -179,17 +186,18 @@ def activate(warehouse: Warehouse, erp: str, org_number: str | None = None, *, c
             f"is rejected: {client.status_reason}", erp=erp, tenant=client.label,
             fix="register a valid organisation number for the client in the ERP; the next client refresh picks it up",
         )
-    moved_from = warehouse.activate_client(erp, client.erp_client_id, actor=actor)
+    moved_from = warehouse.activate_client(erp, client.erp_client_id, client.connection, actor=actor)
     changes = [StatusChange(client, client.status, ClientStatus.ACTIVE, _next_step(erp, client, moved_from))]
-    by_id = {c.erp_client_id: c for c in warehouse.clients(erp)}
-    changes += [StatusChange(by_id[cid], ClientStatus.ACTIVE, by_id[cid].status,
-                             f"organisation number moved to client {client.erp_client_id}") for cid in moved_from]
+    registered = {(c.erp_client_id, c.connection): c for c in warehouse.clients(erp)}
+    changes += [StatusChange(registered[key], ClientStatus.ACTIVE, registered[key].status,
+                             f"organisation number moved to client {client.erp_client_id}") for key in moved_from]
     return changes
 
 
-def _next_step(erp: str, client: Client, moved_from: list[str]) -> str:
+def _next_step(erp: str, client: Client, moved_from: list[tuple[str, str | None]]) -> str:
     if moved_from:
-        return (f"took organisation number {client.org_number} from client(s) {', '.join(moved_from)}; the "
+        ids = ", ".join(cid for cid, _ in moved_from)
+        return (f"took organisation number {client.org_number} from client(s) {ids}; the "
                 "client-access sensor reloads its history (or now: "
                 f"erp-pipelines clients sync {erp} {client.org_number} --full)")
     return "the client-access sensor requests its first full sync if it has none"
@@ -206,7 +214,7 @@ def _activate_all(warehouse: Warehouse, erp: str, actor: str) -> list[StatusChan
             changes.append(StatusChange(client, client.status, client.status,
                                         "another client holds its number; activate it by --client-id to move it"))
             continue
-        warehouse.activate_client(erp, client.erp_client_id, actor=actor)
+        warehouse.activate_client(erp, client.erp_client_id, client.connection, actor=actor)
         held.add(client.org_number)
         changes.append(StatusChange(client, client.status, ClientStatus.ACTIVE))
     return changes
@@ -216,7 +224,8 @@ def _activate_all(warehouse: Warehouse, erp: str, actor: str) -> list[StatusChan
 
 
 def deactivate(warehouse: Warehouse, erp: str, org_number: str | None = None, *, client_id: str | None = None,
-               all_clients: bool = False, actor: str | None = None) -> list[StatusChange]:
+               connection: str | None = None, all_clients: bool = False,
+               actor: str | None = None) -> list[StatusChange]:
     """Stop a client's runs ("Deaktiver"): no scheduled or sensor runs; its history stays. With
     `all_clients`, every active client (and every one without API access) of the ERP."""
     actor = actor or actor_name()
@@ -226,7 +235,7 @@ def deactivate(warehouse: Warehouse, erp: str, org_number: str | None = None, *,
         raise ClientCommandError("deactivate needs an organisation number or --all", erp=erp,
                                  fix=f"erp-pipelines clients deactivate {erp} ORGNR (or --all)")
     else:
-        targets = [_enabled_holder(warehouse, erp, org_number, client_id)]
+        targets = [_enabled_holder(warehouse, erp, org_number, client_id, connection)]
     changes = []
     for client in targets:
         if client.status == ClientStatus.REJECTED:
@@ -235,21 +244,22 @@ def deactivate(warehouse: Warehouse, erp: str, org_number: str | None = None, *,
         if client.status == ClientStatus.INACTIVE:
             changes.append(StatusChange(client, client.status, client.status, "already inactive"))
             continue
-        warehouse.deactivate_client(erp, client.erp_client_id, actor=actor)
+        warehouse.deactivate_client(erp, client.erp_client_id, client.connection, actor=actor)
         after = ClientStatus.REVOKED if client.status == ClientStatus.REVOKED else ClientStatus.INACTIVE
         note = "comes back inactive if the ERP lists it again" if after == ClientStatus.REVOKED else "history kept"
         changes.append(StatusChange(client, client.status, after, note))
     return changes
 
 
-def _enabled_holder(warehouse: Warehouse, erp: str, org_number: str, client_id: str | None) -> Client:
+def _enabled_holder(warehouse: Warehouse, erp: str, org_number: str, client_id: str | None,
+                    connection: str | None) -> Client:
     """For a number several clients share: the one that gets runs (there is at most one)."""
-    if client_id is None:
+    if client_id is None and connection is None:
         number = _compact(org_number)
         enabled = [c for c in warehouse.clients(erp) if c.org_number == number and c.status in ENABLED]
         if len(enabled) == 1:
             return enabled[0]
-    return find_client(warehouse, erp, org_number, client_id)
+    return find_client(warehouse, erp, org_number, client_id, connection)
 
 
 # ---------------------------------------------------------------------------------------- purge

@@ -34,9 +34,10 @@ from erp_pipelines.config import (
     warehouse_path,
 )
 from erp_pipelines.errors import ConfigError, register_secret
+from erp_pipelines.model import DEFAULT_CONNECTION
 from erp_pipelines.registry import ERPS, ErpSpec
 
-DEFAULT = "default"
+DEFAULT = DEFAULT_CONNECTION
 ENVIRONMENT, STORE = "environment", "store"
 ENTRY_PREFIX = "connection:"
 TOKENS_PREFIX = "connection-tokens:"

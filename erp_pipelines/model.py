@@ -49,6 +49,9 @@ def auto_activate(environ: Mapping[str, str]) -> bool:
     raise ValueError(f"{AUTO_ACTIVATE_VARIABLE}={raw!r} is neither true nor false")
 
 
+DEFAULT_CONNECTION = "default"  # the environment's credential set (`connections.py`)
+
+
 @dataclass(frozen=True)
 class Client:
     """One tenant (client company) as an ERP lists it."""
@@ -59,7 +62,7 @@ class Client:
     name: str
     status: ClientStatus = ClientStatus.ACTIVE
     status_reason: str | None = None
-    connection: str = "default"  # the connection (credential set) it is reached through (`connections.py`)
+    connection: str = DEFAULT_CONNECTION  # the connection (credential set) it is reached through
 
     @property
     def label(self) -> str:

@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from erp_pipelines.accounts import classify_account
 from erp_pipelines.model import (
+    DEFAULT_CONNECTION,
     Account,
     Balance,
     Client,
@@ -567,70 +568,68 @@ class Warehouse:
         return {org for (org,) in rows}
 
     @retried_on_conflict
-    def activate_client(self, erp: str, client_id: str, *, actor: str | None = None,
-                        at: dt.datetime | None = None) -> list[str]:
-        """Make one client active, in one transaction. When another client holds its number, the
-        number moves: every other enabled client with that number becomes inactive (and any other
-        one is marked deactivated, so it comes back inactive if listed again). Returns the ERP
-        client ids deactivated. Only an inactive client, or one rejected only for its shared
-        number, can be activated (the caller checks and explains; this refuses silently)."""
+    def activate_client(self, erp: str, client_id: str, connection: str | None = DEFAULT_CONNECTION, *,
+                        actor: str | None = None, at: dt.datetime | None = None) -> list[tuple[str, str | None]]:
+        """Make one client (an ERP client id reached through `connection`) active, in one
+        transaction. When another client holds its number, the number moves: every other enabled
+        client with that number becomes inactive (and any other one is marked deactivated, so it
+        comes back inactive if listed again). Returns the (client id, connection) deactivated. Only
+        an inactive client, or one rejected only for its shared number, can be activated (the
+        caller checks and explains; this refuses silently)."""
         at = at or utcnow()
+        this = "erp = ? AND erp_client_id = ? AND connection IS NOT DISTINCT FROM ?"
         with self._transaction() as (con, _):
-            row = con.execute(
-                "SELECT org_number, name, status, status_reason FROM clients WHERE erp = ? AND erp_client_id = ?",
-                [erp, client_id],
-            ).fetchone()
+            row = con.execute(f"SELECT org_number, name, status FROM clients WHERE {this}",
+                              [erp, client_id, connection]).fetchone()
             if row is None:
-                raise KeyError(f"{erp} client {client_id} is not in the registry")
-            org, name, status, _ = row
+                raise KeyError(f"{erp} client {client_id} of connection {connection} is not in the registry")
+            org, name, status = row
             others = con.execute(
-                "SELECT erp_client_id, status FROM clients WHERE erp = ? AND org_number = ? AND erp_client_id <> ? "
-                "AND status <> 'rejected'",
-                [erp, org, client_id],
+                f"SELECT erp_client_id, connection, status FROM clients WHERE erp = ? AND org_number = ? "
+                f"AND NOT ({this}) AND status <> 'rejected'",
+                [erp, org, erp, client_id, connection],
             ).fetchall()
-            moved_from = [cid for cid, other_status in others if other_status in ENABLED]
-            for other in moved_from:
+            moved_from = [(cid, via) for cid, via, other_status in others if other_status in ENABLED]
+            for other, via in moved_from:
                 moved = (f"organisation number {org} was moved to {erp} client {client_id} ({name}) on activation; "
-                         f"to move it back: erp-pipelines clients activate {erp} {org} --client-id {other}")
-                con.execute(
-                    "UPDATE clients SET status = 'inactive', deactivated_at = ?, status_reason = ? "
-                    "WHERE erp = ? AND erp_client_id = ?",
-                    [at, moved, erp, other],
-                )
+                         f"to move it back: erp-pipelines clients activate {erp} {org} --client-id {other}"
+                         + (f" --connection {via}" if via != connection else ""))
+                con.execute(f"UPDATE clients SET status = 'inactive', deactivated_at = ?, status_reason = ? WHERE {this}",
+                            [at, moved, erp, other, via])
             con.execute(
-                "UPDATE clients SET deactivated_at = coalesce(deactivated_at, ?) WHERE erp = ? AND org_number = ? "
-                "AND erp_client_id <> ? AND status <> 'rejected'",
-                [at, erp, org, client_id],
+                f"UPDATE clients SET deactivated_at = coalesce(deactivated_at, ?) WHERE erp = ? AND org_number = ? "
+                f"AND NOT ({this}) AND status <> 'rejected'",
+                [at, erp, org, erp, client_id, connection],
             )
-            con.execute(
-                "UPDATE clients SET status = 'active', status_reason = NULL, deactivated_at = NULL "
-                "WHERE erp = ? AND erp_client_id = ?",
-                [erp, client_id],
-            )
-            detail = f"was {status}" + (f"; number moved from client(s) {', '.join(moved_from)}" if moved_from else "")
+            con.execute(f"UPDATE clients SET status = 'active', status_reason = NULL, deactivated_at = NULL WHERE {this}",
+                        [erp, client_id, connection])
+            moved_ids = ", ".join(cid for cid, _ in moved_from)
+            detail = f"was {status}" + (f"; number moved from client(s) {moved_ids}" if moved_from else "")
             _audit(con, at, erp, org, client_id, "activate", None, detail, actor)
-            for other in moved_from:
+            for other, _ in moved_from:
                 _audit(con, at, erp, org, other, "deactivate", None, f"number moved to client {client_id}", actor)
         return moved_from
 
     @retried_on_conflict
-    def deactivate_client(self, erp: str, client_id: str, *, actor: str | None = None,
-                          at: dt.datetime | None = None) -> None:
-        """Mark a client deactivated: an enabled one becomes inactive (no runs; history kept); a
-        revoked one stays revoked and comes back inactive if listed again."""
+    def deactivate_client(self, erp: str, client_id: str, connection: str | None = DEFAULT_CONNECTION, *,
+                          actor: str | None = None, at: dt.datetime | None = None) -> None:
+        """Mark a client (an ERP client id reached through `connection`) deactivated: an enabled one
+        becomes inactive (no runs; history kept); a revoked one stays revoked and comes back
+        inactive if listed again."""
         at = at or utcnow()
+        this = "erp = ? AND erp_client_id = ? AND connection IS NOT DISTINCT FROM ?"
         with self._transaction() as (con, _):
-            row = con.execute("SELECT org_number, status FROM clients WHERE erp = ? AND erp_client_id = ?",
-                              [erp, client_id]).fetchone()
+            row = con.execute(f"SELECT org_number, status FROM clients WHERE {this}",
+                              [erp, client_id, connection]).fetchone()
             if row is None:
-                raise KeyError(f"{erp} client {client_id} is not in the registry")
+                raise KeyError(f"{erp} client {client_id} of connection {connection} is not in the registry")
             org, status = row
             con.execute(
                 "UPDATE clients SET deactivated_at = coalesce(deactivated_at, ?), "
                 "status = CASE WHEN status IN ('active', 'no_api_access') THEN 'inactive' ELSE status END, "
                 "status_reason = CASE WHEN status IN ('active', 'no_api_access') THEN ? ELSE status_reason END "
-                "WHERE erp = ? AND erp_client_id = ?",
-                [at, deactivated_reason(erp, org), erp, client_id],
+                f"WHERE {this}",
+                [at, deactivated_reason(erp, org), erp, client_id, connection],
             )
             _audit(con, at, erp, org, client_id, "deactivate", None, f"was {status}", actor)
 

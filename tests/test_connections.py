@@ -4,6 +4,7 @@ its own tenants, the holder rule across connections, a refused credential failin
 connection's tenants, runs cut per connection, and the doctor reporting each connection."""
 
 import asyncio
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -18,10 +19,10 @@ from erp_pipelines.cli import main
 from erp_pipelines.connections import connections_of, stored_connections, tokens_prefix
 from erp_pipelines.defs.build import build_definitions
 from erp_pipelines.defs.runs import RANGE_END, RANGE_START
-from erp_pipelines.model import ClientStatus, add_months, months_between
+from erp_pipelines.model import Client, ClientStatus, add_months, months_between
 from erp_pipelines.pipeline import iterate_sync, iterate_then_close, load_tenants, refresh_clients
 from erp_pipelines.sandbox.common import serve
-from erp_pipelines.sandbox.ledger import generate_ledger
+from erp_pipelines.sandbox.ledger import generate_ledger, make_org_number
 from erp_pipelines.sandbox.tripletex import TripletexSandbox
 from erp_pipelines.tokens import KEY_VARIABLE, TokenStore
 from erp_pipelines.warehouse import Warehouse
@@ -351,3 +352,41 @@ def test_a_warehouse_from_before_connections_gets_the_column_with_default(tmp_pa
                     "now(), now(), NULL, NULL, NULL, NULL)")
     [client] = Warehouse(path).clients("tripletex")
     assert (client.org_number, client.connection, client.status) == ("912345674", "default", ClientStatus.ACTIVE)
+
+
+def test_a_client_id_reached_through_two_connections_changes_only_through_the_one_named(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """Two firms' keys reaching the same client company: one registry row per connection. Activate
+    and deactivate change the row of the connection named, never the other one's."""
+    monkeypatch.setenv("ERP_WAREHOUSE_PATH", str(tmp_path / "warehouse.duckdb"))
+    warehouse = Warehouse(tmp_path / "warehouse.duckdb")
+    org = make_org_number(4711)
+    shared = Client("tripletex", org, "4711", "Felles Kunde AS")
+    warehouse.record_clients("tripletex", [shared, dataclasses.replace(shared, connection=SLUG)], auto_activate=True)
+
+    def statuses():
+        return {c.connection: c.status for c in warehouse.clients("tripletex")}
+
+    assert statuses() == {"default": ClientStatus.ACTIVE, SLUG: ClientStatus.REJECTED}
+
+    code, _, err = cli(monkeypatch, capsys, ["clients", "activate", "tripletex", org, "--client-id", "4711"])
+    assert code == 1 and "tripletex client 4711 is reached through 2 connections" in err
+    assert "connection byra-as" in err and "--connection NAME" in err
+    assert statuses() == {"default": ClientStatus.ACTIVE, SLUG: ClientStatus.REJECTED}
+
+    code, out, err = cli(monkeypatch, capsys, ["clients", "activate", "tripletex", org, "--client-id", "4711",
+                                               "--connection", FIRM])
+    assert (code, err) == (0, ""), err
+    assert "rejected -> active; took organisation number" in out
+    assert statuses() == {"default": ClientStatus.INACTIVE, SLUG: ClientStatus.ACTIVE}  # the number moved
+    [moved] = [c for c in warehouse.clients("tripletex") if c.connection == "default"]
+    assert moved.status_reason.endswith(f"erp-pipelines clients activate tripletex {org} --client-id 4711 "
+                                        "--connection default")
+
+    code, out, err = cli(monkeypatch, capsys, ["clients", "deactivate", "tripletex", org, "--client-id", "4711",
+                                               "--connection", SLUG])
+    assert (code, err) == (0, "") and "active -> inactive" in out, err
+    assert statuses() == {"default": ClientStatus.INACTIVE, SLUG: ClientStatus.INACTIVE}
+    code, out, err = cli(monkeypatch, capsys, ["clients", "activate", "tripletex", org, "--connection", "default"])
+    assert (code, err) == (0, "") and "inactive -> active" in out, err
+    assert statuses() == {"default": ClientStatus.ACTIVE, SLUG: ClientStatus.INACTIVE}

@@ -18,11 +18,13 @@ LAUNCHED_BY = "erp/launched_by"  # tag the command line sets; Dagster+ sets dags
 
 
 class ClientCommand(dg.Config):
-    """Which client(s): `org_number` (and `client_id` when several share the number), or `all`."""
+    """Which client(s): `org_number` (and `client_id` when several share the number, `connection`
+    when several connections reach that client id), or `all`."""
 
     erp: str
     org_number: str | None = None
     client_id: str | None = None
+    connection: str | None = None
     all: bool = False
 
 
@@ -72,7 +74,7 @@ def _status_op(name: str, command, description: str) -> dg.OpDefinition:
         warehouse = getattr(context.resources, WAREHOUSE).get()
         try:
             changes = command(warehouse, config.erp, config.org_number, client_id=config.client_id,
-                              all_clients=config.all, actor=launched_by(context))
+                              connection=config.connection, all_clients=config.all, actor=launched_by(context))
         except ErpError as exc:
             raise _fail(exc) from None
         _ensure_partitions(context, config.erp, [c.client.org_number for c in changes if c.after == "active"])

@@ -118,10 +118,10 @@ def find_client(warehouse: Warehouse, erp: str, org_number: str, client_id: str 
                 connection: str | None = None) -> Client:
     """The registered client with this number (and ERP client id, when several share the number;
     and connection, when several connections reach that client id)."""
-    number = _compact(org_number)
+    number, slug = _compact(org_number), connection and slug_of(connection)
     matches = [c for c in warehouse.clients(erp) if c.org_number == number
                and (client_id is None or c.erp_client_id == client_id)
-               and (connection is None or c.connection == slug_of(connection))]
+               and (slug is None or c.connection == slug)]
     if not matches:
         named = "".join(f" {part}" for part in (client_id and f"client {client_id}",
                                                  connection and f"of connection {connection}") if part)

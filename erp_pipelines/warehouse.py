@@ -218,6 +218,7 @@ CLIENT_SCHEMA = pa.schema(
 )
 CLIENT_COLUMNS = ", ".join(CLIENT_SCHEMA.names)
 ENABLED = (ClientStatus.ACTIVE, ClientStatus.NO_API_ACCESS)
+ONE_CLIENT = "erp = ? AND erp_client_id = ? AND connection IS NOT DISTINCT FROM ?"  # a registry row
 HOLDER_RANK = {ClientStatus.ACTIVE: 0, ClientStatus.NO_API_ACCESS: 0, ClientStatus.INACTIVE: 1, ClientStatus.REVOKED: 2}
 
 
@@ -234,14 +235,23 @@ def _classify_stored_accounts(con: duckdb.DuckDBPyConnection) -> None:
                                  schema=pa.schema([(name, pa.string()) for name in
                                                    ("account_number", "standard_account", "grouping_code",
                                                     "account_class")]))
-    con.register("stored_account_classes", found)
-    try:
+    with arrow_views(con, stored_account_classes=found):
         con.execute("UPDATE accounts a SET account_class = f.account_class FROM stored_account_classes f "
                     "WHERE a.account_class IS NULL AND a.account_number = f.account_number "
                     "AND a.standard_account IS NOT DISTINCT FROM f.standard_account "
                     "AND a.grouping_code IS NOT DISTINCT FROM f.grouping_code")
+
+
+@contextlib.contextmanager
+def arrow_views(con: duckdb.DuckDBPyConnection, **tables: pa.Table) -> Iterator[None]:
+    """Arrow tables readable by `con`'s SQL under these names for the block (DuckDB scans them in place)."""
+    for name, table in tables.items():
+        con.register(name, table)
+    try:
+        yield
     finally:
-        con.unregister("stored_account_classes")
+        for name in tables:
+            con.unregister(name)
 
 
 def utcnow() -> dt.datetime:
@@ -457,11 +467,11 @@ class Warehouse:
             if rows:  # one Arrow insert: `executemany` costs ~0.4 ms a row
                 columns = zip(*(tuple(str(v) if isinstance(v, ClientStatus) else v for v in r) for r in rows),
                               strict=True)
-                con.register("listed_clients", pa.Table.from_arrays(
+                listed_clients = pa.Table.from_arrays(
                     [pa.array(column, field.type) for column, field in zip(columns, CLIENT_SCHEMA, strict=True)],
-                    schema=CLIENT_SCHEMA))
-                con.execute(f"INSERT INTO clients ({CLIENT_COLUMNS}) SELECT * FROM listed_clients")
-                con.unregister("listed_clients")
+                    schema=CLIENT_SCHEMA)
+                with arrow_views(con, listed_clients=listed_clients):
+                    con.execute(f"INSERT INTO clients ({CLIENT_COLUMNS}) SELECT * FROM listed_clients")
         return ClientRegistryChange(
             active=[c.org_number for c in final if c.status in ENABLED],
             new=new,
@@ -577,16 +587,15 @@ class Warehouse:
         an inactive client, or one rejected only for its shared number, can be activated (the
         caller checks and explains; this refuses silently)."""
         at = at or utcnow()
-        this = "erp = ? AND erp_client_id = ? AND connection IS NOT DISTINCT FROM ?"
         with self._transaction() as (con, _):
-            row = con.execute(f"SELECT org_number, name, status FROM clients WHERE {this}",
+            row = con.execute(f"SELECT org_number, name, status FROM clients WHERE {ONE_CLIENT}",
                               [erp, client_id, connection]).fetchone()
             if row is None:
                 raise KeyError(f"{erp} client {client_id} of connection {connection} is not in the registry")
             org, name, status = row
             others = con.execute(
                 f"SELECT erp_client_id, connection, status FROM clients WHERE erp = ? AND org_number = ? "
-                f"AND NOT ({this}) AND status <> 'rejected'",
+                f"AND NOT ({ONE_CLIENT}) AND status <> 'rejected'",
                 [erp, org, erp, client_id, connection],
             ).fetchall()
             moved_from = [(cid, via) for cid, via, other_status in others if other_status in ENABLED]
@@ -594,15 +603,15 @@ class Warehouse:
                 moved = (f"organisation number {org} was moved to {erp} client {client_id} ({name}) on activation; "
                          f"to move it back: erp-pipelines clients activate {erp} {org} --client-id {other}"
                          + (f" --connection {via}" if via != connection else ""))
-                con.execute(f"UPDATE clients SET status = 'inactive', deactivated_at = ?, status_reason = ? WHERE {this}",
-                            [at, moved, erp, other, via])
+                con.execute(f"UPDATE clients SET status = 'inactive', deactivated_at = ?, status_reason = ? "
+                            f"WHERE {ONE_CLIENT}", [at, moved, erp, other, via])
             con.execute(
                 f"UPDATE clients SET deactivated_at = coalesce(deactivated_at, ?) WHERE erp = ? AND org_number = ? "
-                f"AND NOT ({this}) AND status <> 'rejected'",
+                f"AND NOT ({ONE_CLIENT}) AND status <> 'rejected'",
                 [at, erp, org, erp, client_id, connection],
             )
-            con.execute(f"UPDATE clients SET status = 'active', status_reason = NULL, deactivated_at = NULL WHERE {this}",
-                        [erp, client_id, connection])
+            con.execute(f"UPDATE clients SET status = 'active', status_reason = NULL, deactivated_at = NULL "
+                        f"WHERE {ONE_CLIENT}", [erp, client_id, connection])
             moved_ids = ", ".join(cid for cid, _ in moved_from)
             detail = f"was {status}" + (f"; number moved from client(s) {moved_ids}" if moved_from else "")
             _audit(con, at, erp, org, client_id, "activate", None, detail, actor)
@@ -617,9 +626,8 @@ class Warehouse:
         becomes inactive (no runs; history kept); a revoked one stays revoked and comes back
         inactive if listed again."""
         at = at or utcnow()
-        this = "erp = ? AND erp_client_id = ? AND connection IS NOT DISTINCT FROM ?"
         with self._transaction() as (con, _):
-            row = con.execute(f"SELECT org_number, status FROM clients WHERE {this}",
+            row = con.execute(f"SELECT org_number, status FROM clients WHERE {ONE_CLIENT}",
                               [erp, client_id, connection]).fetchone()
             if row is None:
                 raise KeyError(f"{erp} client {client_id} of connection {connection} is not in the registry")
@@ -628,7 +636,7 @@ class Warehouse:
                 "UPDATE clients SET deactivated_at = coalesce(deactivated_at, ?), "
                 "status = CASE WHEN status IN ('active', 'no_api_access') THEN 'inactive' ELSE status END, "
                 "status_reason = CASE WHEN status IN ('active', 'no_api_access') THEN ? ELSE status_reason END "
-                f"WHERE {this}",
+                f"WHERE {ONE_CLIENT}",
                 [at, deactivated_reason(erp, org), erp, client_id, connection],
             )
             _audit(con, at, erp, org, client_id, "deactivate", None, f"was {status}", actor)
@@ -774,18 +782,14 @@ class Warehouse:
         if not tenants:
             return WriteResult(0, 0, 0.0, 0.0)
         tenant_table = pa.table({"org_number": pa.array(tenants, pa.string())})
-        with self._transaction() as (con, waited):
-            con.register("write_tenants", tenant_table)
-            con.register("write_rows", rows)
-            where = "erp = ? AND org_number IN (SELECT org_number FROM write_tenants)"
-            params: list[Any] = [erp]
-            if window:
-                where += f" AND {window[0]} BETWEEN ? AND ?"
-                params += [window[1], window[2]]
+        where = "erp = ? AND org_number IN (SELECT org_number FROM write_tenants)"
+        params: list[Any] = [erp]
+        if window:
+            where += f" AND {window[0]} BETWEEN ? AND ?"
+            params += [window[1], window[2]]
+        with self._transaction() as (con, waited), arrow_views(con, write_tenants=tenant_table, write_rows=rows):
             con.execute(f"DELETE FROM {table_name} WHERE {where}", params)
             con.execute(f"INSERT INTO {table_name} SELECT * FROM write_rows")
-            con.unregister("write_rows")
-            con.unregister("write_tenants")
         return WriteResult(len(tenants), rows.num_rows, time.perf_counter() - started, waited)
 
     # ------------------------------------------------------------------------------ metadata
